@@ -1,0 +1,108 @@
+"""The training configuration: one dataclass whose fields carry their own help text.
+
+The CLI builds its flags from these fields (`prge train --help` prints the help below), a YAML file
+can set any of them (`prge train --config run.yaml`; flags override the file), and the resolved
+config is written beside every run as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from prge.errors import PrgeError
+
+
+def opt(default, help: str, choices=None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = opt("smollm2-135m", "built-in name (smollm2-135m), a local model folder, or a Hugging Face hub id")
+    task: str = opt("sst2", "built-in task (see `prge tasks`), ignored when --train-file is given")
+    data_root: str | None = opt(None, "folder holding the task data (default: $PRGE_DATA, else ../shared/data)")
+    train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
+    eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
+    template: str = opt("{text}", "prompt template for text/label rows; {text} is replaced by the row's text")
+    label_words: list[str] | None = opt(None, "label words for text/label rows, in label order (a leading space is added)")
+    # method
+    method: str = opt("prge", "prge: parallel queries in one batched forward; mezo: sequential queries; fo: backprop", ["prge", "mezo", "fo"])
+    mode: str = opt("dual", "prge only: dual = one forward of 2q·b rows; single = two forwards of q·b rows", ["dual", "single"])
+    tune: str = opt("lora-fa", "what is trained: lora-fa (B only, A frozen), lora (A and B; fo only), full (every weight; mezo or fo)", ["lora-fa", "lora", "full"])
+    optimizer: str = opt("adam", "fo only: the backprop optimizer", ["sgd", "adam"])
+    q: int = opt(4, "zeroth-order queries per step (perturbation directions)")
+    batch_size: int = opt(4, "examples per step (each query sees the same b examples; the forward batch is 2·q·b)")
+    steps: int = opt(100, "training steps")
+    lr: float = opt(3e-3, "learning rate")
+    eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
+    loss: str = opt("class", "lm: next-token CE over the vocabulary on the answer tokens; class: CE over the label words (classification only)", ["lm", "class"])
+    noise: str = opt("counter", "counter: hash-based noise keyed by (seed, step), identical in eager and engine; torch: torch.Generator (eager only, faster for --tune full)", ["counter", "torch"])
+    # LoRA
+    rank: int = opt(16, "LoRA rank r")
+    alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha/r)")
+    targets: list[str] | None = opt(None, "module names to wrap (default: q,k,v,o,gate,up,down projections, or the family's equivalents)")
+    layers: list[int] | None = opt(None, "only wrap modules in these decoder layers (default: all)")
+    # data shape
+    n_train: int = opt(1000, "training examples sampled (seeded) from the task's train split")
+    n_dev: int = opt(500, "held-out dev examples used for periodic evaluation and best-checkpoint selection")
+    n_test: int | None = opt(None, "cap on test examples (default: the whole test split)")
+    max_length: int = opt(256, "longest prompt+answer in tokens")
+    truncate: str = opt("left", "over-long prompts: left = drop tokens from the prompt's start; error = refuse", ["left", "error"])
+    # run
+    eval_every: int = opt(50, "evaluate on dev every N steps (0: only at the start and the end)")
+    eval_batch_size: int = opt(32, "examples per evaluation forward")
+    seed: int = opt(0, "seed for data sampling, LoRA A initialisation, and noise")
+    dtype: str = opt("float32", "model weights dtype (keep float32 for zeroth-order on CPU)", ["float32", "bfloat16", "float16"])
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
+    out: str | None = opt(None, "run folder (default: runs/<task>-<method>-<time>)")
+    resume: str | None = opt(None, "a run folder or checkpoint folder to continue exactly from")
+    progress: bool = opt(True, "show a progress bar")
+
+    def check(self) -> "TrainConfig":
+        if self.q < 1:
+            raise PrgeError(f"q (queries per step) must be >= 1, got {self.q}", "pass --q 1 or more")
+        if not self.eps > 0:
+            raise PrgeError(f"eps (perturbation scale) must be > 0, got {self.eps}", "pass e.g. --eps 1e-2")
+        if self.batch_size < 1 or self.steps < 0:
+            raise PrgeError("batch size must be >= 1 and steps >= 0", "fix --batch-size / --steps")
+        if self.tune == "lora" and self.method != "fo":
+            raise PrgeError("--tune lora trains A too, which only backprop does here", "use --tune lora-fa with prge/mezo, or --method fo")
+        if self.tune == "full" and self.method == "prge":
+            raise PrgeError("P-RGE perturbs copies of the LoRA B matrices; it does not do full-parameter training",
+                            "use --method mezo --tune full, or --tune lora-fa")
+        return self
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PrgeError(f"config file {path} not found", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PrgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
+    if not isinstance(data, dict):
+        raise PrgeError(f"{path}: expected a mapping of option: value", "write one `option: value` per line")
+    known = {f.name for f in fields()}
+    unknown = sorted(set(k.replace("-", "_") for k in data) - known)
+    if unknown:
+        raise PrgeError(f"{path}: unknown options {unknown}", "see `prge train --help` for the option names")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

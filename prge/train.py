@@ -1,0 +1,347 @@
+"""A training run: set up model + data, loop over steps, evaluate, checkpoint, plot, write adapters.
+
+Reproducibility: everything that varies from step to step is a function of (seed, step) — the
+examples of step t (`step_indices`), the noise of step t (keyed by [seed, t]) — and the only state is
+the trained tensors (plus Adam's moments for `fo`). A checkpoint therefore holds just those and the
+step, and resuming from it continues the exact trajectory of an uninterrupted run.
+
+Run folder layout (`runs/<task>-<method>-<time>/` unless --out):
+    config.yaml          the resolved configuration
+    metrics.jsonl        one row per step ({"step","loss","g_abs","seconds"}) and per evaluation
+    curves.png           training loss and dev accuracy
+    checkpoints/last/    PEFT adapter + trainer_state.json (+ optimizer.pt for Adam): resume from here
+    checkpoints/best/    the same, at the best dev accuracy seen: the adapter to use
+    summary.json         before/after accuracies, steps, minutes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prge import adapters, io
+from prge.batch import Encoded, collate, encode, label_word_ids
+from prge.config import TrainConfig, to_yaml
+from prge.errors import PrgeError
+from prge.evaluate import evaluate
+from prge.lora import add_lora, count_trainable, lora_layers, trainable_b
+from prge.loss import copy_losses
+from prge.models import load_model
+from prge.zo import check_finite, mezo_step, prge_step
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    train: list[Encoded]
+    dev: list[Encoded]
+    test: list[Encoded]
+    label_ids: torch.Tensor | None  # verbalizer token ids for classification, else None
+    params: list[torch.Tensor]  # the tensors being trained
+    pad_id: int
+    data_name: str
+
+    @property
+    def loss_kind(self) -> str:
+        return self.cfg.loss if self.label_ids is not None else "lm"
+
+    def loss_fn(self, batch, copies: int) -> torch.Tensor:
+        return copy_losses(self.model, batch, copies, self.label_ids, self.loss_kind)
+
+    def evaluate(self, items: list[Encoded]) -> dict:
+        return evaluate(self.model, items, self.pad_id, self.label_ids, self.cfg.eval_batch_size, self.loss_kind)
+
+
+def load_data(cfg: TrainConfig, tokenizer):
+    """(name, train, dev, test, label_words) as Examples, from a built-in task or the user's files."""
+    if cfg.train_file:
+        from prge.userdata import load_user_data
+
+        train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
+                                          label_words=cfg.label_words, tokenizer=tokenizer)
+        return Path(cfg.train_file).stem, train, dev, dev, info.get("label_words")
+    from prge.tasks import load_task
+
+    data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
+    return data.task.name, data.train, data.dev, data.test, data.task.label_words or None
+
+
+def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
+    """Load model and data, wrap the model (or load `adapter`), and pick the tensors to train."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_model(cfg.model, cfg.dtype)
+    name, train, dev, test, words = load_data(cfg, tok)
+    label_ids = torch.tensor(label_word_ids(tok, words)) if words else None
+    enc = dict(tokenizer=tok, max_length=cfg.max_length, label_ids=label_ids.tolist() if label_ids is not None else None,
+               truncate=cfg.truncate)
+    train_e, dev_e, test_e = encode(train, **enc), encode(dev, **enc), encode(test, **enc)
+    if cfg.tune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = [p for p in model.parameters()]
+    else:
+        if adapter:
+            adapters.load_adapter(model, adapter)
+        else:
+            add_lora(model, cfg.targets, cfg.rank, cfg.alpha, train_a=cfg.tune == "lora", layers=cfg.layers, seed=cfg.seed)
+        layers = lora_layers(model).values()
+        params = [m.lora_B for m in layers] + ([m.lora_A for m in layers] if cfg.tune == "lora" else [])
+        for p in params:
+            p.requires_grad_(cfg.method == "fo")
+    return Setup(cfg, model, tok, train_e, dev_e, test_e, label_ids, params, tok.pad_token_id, name)
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of step `step` (1-based): consecutive slices of seeded per-epoch permutations."""
+    out = []
+    start = (step - 1) * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, i = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[i])
+    return out
+
+
+def make_optimizer(s: Setup):
+    if s.cfg.method != "fo":
+        return None
+    cls = torch.optim.Adam if s.cfg.optimizer == "adam" else torch.optim.SGD
+    return cls(s.params, lr=s.cfg.lr)
+
+
+def one_step(s: Setup, batch, step: int, optimizer) -> tuple[float, float]:
+    """(mean loss, mean |g|) of one training step of the configured method."""
+    c = s.cfg
+    if c.method == "prge":
+        r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, mode=c.mode, noise=c.noise)
+    elif c.method == "mezo":
+        r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, noise=c.noise)
+    else:
+        loss = s.loss_fn(batch, 1)
+        check_finite(loss.detach(), step)
+        optimizer.zero_grad(set_to_none=True)
+        loss[0].backward()
+        optimizer.step()
+        return float(loss[0]), 0.0
+    return float(r.losses.mean()), float(r.g.abs().mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(s: Setup, folder: Path, step: int, state: dict, optimizer) -> None:
+    with io.atomic_dir(folder) as tmp:
+        tmp = Path(tmp)
+        if s.cfg.tune == "full":
+            io.save_tensors(tmp / "params.safetensors", {n: p.detach().contiguous() for n, p in s.model.named_parameters()})
+        else:
+            adapters.save_adapter(s.model, tmp, s.cfg.model)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        io.atomic_write_json(tmp / "trainer_state.json", {"step": step, **state, "config": dataclasses.asdict(s.cfg)})
+
+
+def load_checkpoint(s: Setup, folder: Path, optimizer) -> dict:
+    folder = io.resolve_dir(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        raise PrgeError(f"{folder} is not a prge checkpoint (no trainer_state.json)", "pass a run folder or one of its checkpoints/ folders")
+    state = json.loads(state_file.read_text())
+    if s.cfg.tune == "full":
+        tensors = io.load_tensors(folder / "params.safetensors")
+        with torch.no_grad():
+            for n, p in s.model.named_parameters():
+                p.copy_(tensors[n])
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+    return state
+
+
+def resolve_resume(path: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) from a run folder or a checkpoint folder."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        return p, io.resolve_dir(p / "checkpoints" / "last")
+    if (p / "trainer_state.json").is_file() or Path(str(p) + ".old").is_dir():
+        return p.parent.parent, io.resolve_dir(p)
+    raise PrgeError(f"nothing to resume at {path}", "pass a run folder (with checkpoints/) or a checkpoint folder")
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` (a resumed run rewrites them), atomically."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        io.atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Train as configured; returns the summary. `stop_after` ends early after that step (tests use it
+    to simulate an interrupted run)."""
+    resume_ckpt = None
+    if cfg.resume:
+        run_dir, resume_ckpt = resolve_resume(cfg.resume)
+        cfg.out = str(run_dir)
+    s = prepare(cfg, adapter=str(resume_ckpt) if resume_ckpt and cfg.tune != "full" else None)
+    run_dir = Path(cfg.out or f"runs/{s.data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    io.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    optimizer = make_optimizer(s)
+    log(f"prge: {cfg.method} ({cfg.mode if cfg.method == 'prge' else cfg.tune}) on {s.data_name}, model {cfg.model}, "
+        f"{count_trainable(s.model) if cfg.method == 'fo' else sum(p.numel() for p in s.params):,} trained values, "
+        f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
+
+    state = {"best_accuracy": -1.0, "best_step": 0, "before": None, "seconds": 0.0}
+    start = 0
+    if resume_ckpt:
+        state = load_checkpoint(s, resume_ckpt, optimizer)
+        start = state.pop("step")
+        state.pop("config", None)
+        truncate_metrics(metrics, start)
+        log(f"resumed from {resume_ckpt} at step {start}")
+    else:
+        metrics.unlink(missing_ok=True)
+        t0 = time.time()
+        before = s.evaluate(s.test)
+        dev0 = s.evaluate(s.dev) if s.dev is not s.test else before
+        state["before"] = before["accuracy"]
+        state["best_accuracy"], state["best_step"] = dev0["accuracy"], 0
+        append_metrics(metrics, {"step": 0, "split": "dev", **dev0})
+        log(f"before training: test accuracy {before['accuracy']:.4f} (n={before['n']}), dev {dev0['accuracy']:.4f} "
+            f"[{time.time() - t0:.0f} s]")
+        save_checkpoint(s, ckpts / "best", 0, state, optimizer)
+
+    bar = progress(cfg, start)
+    t_loop = time.time() - state["seconds"]
+    last_acc = None
+    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    for step in range(start + 1, end + 1):
+        t = time.time()
+        batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id)
+        loss, g_abs = one_step(s, batch, step, optimizer)
+        append_metrics(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
+        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = s.evaluate(s.dev)
+            last_acc = ev["accuracy"]
+            append_metrics(metrics, {"step": step, "split": "dev", **ev})
+            state["seconds"] = time.time() - t_loop
+            if ev["accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"], state["best_step"] = ev["accuracy"], step
+                save_checkpoint(s, ckpts / "best", step, state, optimizer)
+            save_checkpoint(s, ckpts / "last", step, state, optimizer)
+            plot(metrics, run_dir / "curves.png")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if last_acc is None else f"{last_acc:.3f}")
+    if bar is not None:
+        bar.close()
+    if stop_after and end < cfg.steps:
+        state["seconds"] = time.time() - t_loop
+        save_checkpoint(s, ckpts / "last", end, state, optimizer)
+        return {"stopped_at": end, "run_dir": str(run_dir)}
+    return finish(s, run_dir, state, time.time() - t_loop)
+
+
+def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
+    cfg = s.cfg
+    after = s.evaluate(s.test)
+    summary = {"task": s.data_name, "model": cfg.model, "method": cfg.method, "steps": cfg.steps,
+               "minutes": seconds / 60, "test_before": state["before"], "test_after_last": after["accuracy"],
+               "best_dev": state["best_accuracy"], "best_step": state["best_step"], "n_test": after["n"],
+               "adapter": str(run_dir / "checkpoints" / "best")}
+    if state["best_step"] != cfg.steps and cfg.tune != "full":
+        best = prepare_eval_copy(s, run_dir / "checkpoints" / "best")
+        summary["test_after_best"] = best["accuracy"]
+    else:
+        summary["test_after_best"] = after["accuracy"]
+    io.atomic_write_json(run_dir / "summary.json", summary)
+    plot(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    log(f"test accuracy: before {summary['test_before']:.4f} -> after {summary['test_after_last']:.4f} (last step), "
+        f"{summary['test_after_best']:.4f} (best dev checkpoint, step {state['best_step']}); "
+        f"{cfg.steps} steps in {seconds / 60:.1f} min")
+    log(f"adapter (PEFT format): {summary['adapter']}   metrics: {run_dir / 'metrics.jsonl'}   curves: {run_dir / 'curves.png'}")
+    return summary
+
+
+def prepare_eval_copy(s: Setup, folder: Path) -> dict:
+    """Evaluate the test split with the weights of checkpoint `folder`, then restore the current ones."""
+    current = [p.detach().clone() for p in trainable_b(s.model)]
+    tensors = io.load_tensors(io.resolve_dir(folder) / "adapter_model.safetensors")
+    layers = lora_layers(s.model)
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.lora_B.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+        result = s.evaluate(s.test)
+        for p, c in zip(trainable_b(s.model), current):
+            p.copy_(c)
+    return result
+
+
+def progress(cfg: TrainConfig, start: int):
+    if not cfg.progress or cfg.steps == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def plot(metrics: Path, out: Path) -> None:
+    """Loss per step (with a moving average) and dev accuracy, as a PNG."""
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    tr = [r for r in rows if "loss" in r and "split" not in r]
+    ev = [r for r in rows if r.get("split") == "dev"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if tr:
+        xs, ys = [r["step"] for r in tr], [r["loss"] for r in tr]
+        a.plot(xs, ys, alpha=0.35, lw=0.8, label="step loss")
+        w = max(1, len(ys) // 20)
+        avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        a.plot(xs, avg, lw=1.5, label=f"moving average ({w})")
+        a.legend()
+    a.set(xlabel="step", ylabel="training loss", title="loss")
+    if ev:
+        b.plot([r["step"] for r in ev], [r["accuracy"] for r in ev], marker="o")
+    b.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    io.atomic_write_bytes(out, buf.getvalue())
+
+
+def isfinite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,94 @@
+"""One zeroth-order step: P-RGE (q queries in one batched forward) and sequential MeZO.
+
+Both draw z_i for step t from the same generator (`estimator.noise`, keyed by [seed, t]) and apply
+the same `estimator.update`, so with the same seed, q and batch they produce the same update up to
+float rounding (tests/test_zo.py checks it):
+
+- `prge_step(..., mode="dual")`: one forward of batch 2q·b; block k uses copy k of B,
+  copies = [B + εz_1..q, B − εz_1..q].
+- `prge_step(..., mode="single")`: two forwards of batch q·b, first the + copies, then the − copies.
+- `mezo_step`: q sequential pairs of forwards of batch b, perturbing the parameters in place
+  (+εz, −2εz, +εz back) and regenerating z from the key instead of storing it. Works on the LoRA B
+  tensors or on every parameter of the model (full-parameter MeZO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from prge import estimator as est
+from prge.batch import Batch
+from prge.errors import PrgeError
+from prge.lora import use
+
+LossFn = Callable[[Batch, int], torch.Tensor]  # (batch repeated C times, C) -> (C,) losses
+
+
+@dataclass
+class ZOStep:
+    losses: torch.Tensor  # (2q,): L⁺_1..q then L⁻_1..q
+    g: torch.Tensor  # (q,)
+
+
+def check_finite(losses: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(losses).all():
+        raise PrgeError(
+            f"non-finite loss at step {step} ({losses.tolist()}); the last good checkpoint is kept",
+            "lower --lr or --eps, or train in float32",
+        )
+
+
+@torch.no_grad()
+def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
+              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter") -> ZOStep:
+    """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
+    key = torch.tensor([seed, step], dtype=torch.int64)
+    zs = [est.query_noise(key, j, q, tuple(p.shape), noise) for j, p in enumerate(params)]
+    if mode == "dual":
+        use(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)])
+        losses = loss_fn(batch.repeat(2 * q), 2 * q)
+    elif mode == "single":
+        half = []
+        for sign in "+-":
+            use(model, [est.perturbed(p, z, eps, sign) for p, z in zip(params, zs)])
+            half.append(loss_fn(batch.repeat(q), q))
+        losses = torch.cat(half)
+    else:
+        raise PrgeError(f"unknown P-RGE mode {mode!r}", "use --mode dual or --mode single")
+    use(model, None)
+    check_finite(losses, step)
+    g = est.projected_grad(losses[:q], losses[q:], eps)
+    for p, z in zip(params, zs):
+        p.copy_(est.update(p, z, g, lr))
+    return ZOStep(losses, g)
+
+
+@torch.no_grad()
+def mezo_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
+              q: int, eps: float, lr: float, noise: str = "counter") -> ZOStep:
+    """Sequential MeZO: q pairs of forwards of batch b, z regenerated from the key, never stored."""
+    key = torch.tensor([seed, step], dtype=torch.int64)
+
+    def z(j: int, i: int, p: torch.Tensor) -> torch.Tensor:
+        return est.noise(key, j, i, tuple(p.shape), noise).to(p.dtype)
+
+    plus, minus = [], []
+    for i in range(q):
+        for j, p in enumerate(params):
+            p.add_(z(j, i, p), alpha=eps)
+        plus.append(loss_fn(batch, 1)[0])
+        for j, p in enumerate(params):
+            p.add_(z(j, i, p), alpha=-2 * eps)
+        minus.append(loss_fn(batch, 1)[0])
+        for j, p in enumerate(params):
+            p.add_(z(j, i, p), alpha=eps)
+    losses = torch.stack(plus + minus)
+    check_finite(losses, step)
+    g = est.projected_grad(losses[:q], losses[q:], eps)
+    for i in range(q):  # the same update as est.update, one query at a time (no stored noise)
+        for j, p in enumerate(params):
+            p.copy_(est.update(p, z(j, i, p)[None], g[i:i + 1], lr / q))
+    return ZOStep(losses, g)
