@@ -22,6 +22,7 @@ refuses instead.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -164,3 +165,15 @@ def collate(items: list[Encoded], pad_id: int, length: int | None = None, answer
         target_mask[i, :n] = 1.0
     label = torch.tensor([e.label for e in items], dtype=torch.long)
     return Batch(input_ids, target_pos, target_ids, target_mask, label)
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of step `step` (1-based): consecutive slices of seeded per-epoch permutations."""
+    out = []
+    start = (step - 1) * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, i = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[i])
+    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from prge import adapters, io
-from prge.batch import Encoded, collate, encode, label_word_ids
+from prge.batch import Encoded, collate, encode, label_word_ids, step_indices
 from prge.config import TrainConfig, to_yaml
 from prge.errors import PrgeError
 from prge.evaluate import evaluate
@@ -101,18 +100,6 @@ def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
         for p in params:
             p.requires_grad_(cfg.method == "fo")
     return Setup(cfg, model, tok, train_e, dev_e, test_e, label_ids, params, tok.pad_token_id, name)
-
-
-def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """The examples of step `step` (1-based): consecutive slices of seeded per-epoch permutations."""
-    out = []
-    start = (step - 1) * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, i = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[i])
-    return out
 
 
 def make_optimizer(s: Setup):

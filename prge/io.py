@@ -1,0 +1,160 @@
+"""Atomic writes: a crash (or Ctrl-C, or a full disk) never leaves a half-written file or folder.
+
+Every writer in prge goes through here. A file is written to a temporary name in the *same* folder
+(so the final `os.replace` is a rename within one filesystem, which POSIX makes atomic), flushed and
+fsynced before the rename, and the folder is fsynced after it, so that after a power cut a reader
+sees either the old contents or the new ones, never a mix or an empty file.
+
+Folders (an adapter, a merged model: several files that only make sense together) are built in a
+temporary folder beside the target and swapped in with two renames: `path` -> `path.old`, then
+temp -> `path`. No filesystem renames over a non-empty folder atomically, so there is a moment
+where only `path.old` exists; `resolve_dir` lets readers find it if a crash hit exactly then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from prge.errors import PrgeError
+
+
+def _umask_mode(base: int) -> int:
+    """`base` masked by the process umask: what a plain open()/mkdir() would have produced.
+
+    mkstemp/mkdtemp create 0600/0700 entries; without this an atomically written file would be
+    private while the same file written the ordinary way would be readable by the group.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable. Best effort: some platforms cannot open a directory."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _temp_file_beside(path: Path) -> Iterator[Path]:
+    """A temporary file name next to `path`; renamed onto `path` if the body succeeds, removed otherwise.
+
+    The body writes the file (by name, so library writers such as safetensors can be used); this
+    function fsyncs it, fixes its mode and renames it into place.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, os.replace)."""
+    with _temp_file_beside(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` as a whole.
+
+    The swap is: fsync the new files, rename an existing `path` to `path.old`, rename the temp
+    folder to `path`, remove `path.old`. If the body raises, the temp folder is removed and `path`
+    is untouched. The whole folder is replaced: files in the old `path` that the body did not
+    write again are gone afterwards, which is the point (an adapter folder never mixes two saves).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(Path(root))
+        os.chmod(tmp, _umask_mode(0o777))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _old(path)
+    if path.exists():
+        if old.exists():  # left by a crash after the last swap's second rename: `path` is the good copy
+            shutil.rmtree(old)
+        os.replace(path, old)
+    # (if only `old` exists, a crash hit between the renames last time; it is replaced now)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_dir(path: str | os.PathLike) -> Path:
+    """`path`, or `path.old` when only that exists (a crash between atomic_dir's two renames)."""
+    path = Path(path)
+    if not path.exists() and _old(path).is_dir():
+        return _old(path)
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file. metadata defaults to {"format": "pt"}, which
+    transformers and PEFT expect of a PyTorch safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with _temp_file_beside(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or unreadable file is a PrgeError, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrgeError(f"{path} does not exist", "check the path (a save that crashed leaves the previous file)")
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise PrgeError(f"{path} is not a readable safetensors file ({e})", "write it again") from e
