@@ -168,7 +168,8 @@ def quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
     import logging
 
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
 

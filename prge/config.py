@@ -34,7 +34,7 @@ class TrainConfig:
     train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
     eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
     template: str = opt("{text}", "prompt template for text/label rows; {text} is replaced by the row's text")
-    label_words: list[str] | None = opt(None, "label words for text/label rows, in label order (a leading space is added)")
+    label_words: list[str] | None = opt(None, "label words in label order (a leading space is added): for text/label rows, or to replace a built-in task's words")
     # method
     method: str = opt("prge", "prge: parallel queries in one batched forward; mezo: sequential queries; fo: backprop", ["prge", "mezo", "fo"])
     mode: str = opt("dual", "prge only: dual = one forward of 2q·b rows; single = two forwards of q·b rows", ["dual", "single"])
@@ -45,6 +45,7 @@ class TrainConfig:
     steps: int = opt(100, "training steps")
     lr: float = opt(3e-3, "learning rate")
     eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
+    normalize: bool = opt(False, "zeroth-order: divide each loss difference by the spread (std) of the step's 2q losses instead of by 2ε (needs q >= 2)")
     loss: str = opt("class", "lm: next-token CE over the vocabulary on the answer tokens; class: CE over the label words (classification only)", ["lm", "class"])
     noise: str = opt("counter", "counter: hash-based noise keyed by (seed, step), identical in eager and engine; torch: torch.Generator (eager only, faster for --tune full)", ["counter", "torch"])
     # LoRA
@@ -75,6 +76,8 @@ class TrainConfig:
             raise PrgeError(f"eps (perturbation scale) must be > 0, got {self.eps}", "pass e.g. --eps 1e-2")
         if self.batch_size < 1 or self.steps < 0:
             raise PrgeError("batch size must be >= 1 and steps >= 0", "fix --batch-size / --steps")
+        if self.normalize and self.q < 2 and self.method != "fo":
+            raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)", "pass --q 2 or more, or drop --normalize")
         if self.tune == "lora" and self.method != "fo":
             raise PrgeError("--tune lora trains A too, which only backprop does here", "use --tune lora-fa with prge/mezo, or --method fo")
         if self.tune == "full" and self.method == "prge":

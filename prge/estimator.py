@@ -38,9 +38,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def stream_keys(key: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys for one (tensor, query) stream from key = int64 tensor [seed, step]."""
-    k = _mix32(key[0].to(torch.int32) * -1640531535 + stream)  # 0x9E3779B1
-    k = _mix32(k + key[1].to(torch.int32) * -2048144789 + 0x632BE59B)  # 0x85EBCA6B
+    """Two 32-bit keys (shape (1,)) for one (tensor, query) stream from key = int64 tensor [seed, step].
+
+    key[0:1], not key[0]: ExecuTorch's edge passes promote 0-dim int32 tensors combined with Python
+    ints to int64, which would break the 32-bit wrap-around; (1,)-shaped tensors stay int32.
+    """
+    k = _mix32(key[0:1].to(torch.int32) * -1640531535 + stream)  # 0x9E3779B1
+    k = _mix32(k + key[1:2].to(torch.int32) * -2048144789 + 0x632BE59B)  # 0x85EBCA6B
     return k, _mix32(k ^ 0x5BD1E995)
 
 
@@ -88,8 +92,16 @@ def perturbed(b: torch.Tensor, z: torch.Tensor, eps, signs: str = "+-") -> torch
     return torch.cat([parts[s] for s in signs]) if len(signs) > 1 else parts[signs]
 
 
-def projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps) -> torch.Tensor:
-    """g_i = (L⁺_i − L⁻_i) / 2ε, one scalar per query."""
+def projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps, normalize: bool = False) -> torch.Tensor:
+    """g_i = (L⁺_i − L⁻_i) / 2ε, one scalar per query.
+
+    normalize=True divides the differences by the spread of all 2q losses instead of by 2ε (as FZOO
+    does): g_i = (L⁺_i − L⁻_i) / (2·std(L)), so the step size stops depending on the loss scale and ε.
+    It needs q >= 2 (one pair has no spread); the host computes it, so the exported step is unchanged.
+    """
+    if normalize:
+        spread = torch.cat([loss_plus, loss_minus]).std()
+        return (loss_plus - loss_minus) / (2.0 * spread.clamp_min(1e-12))
     return (loss_plus - loss_minus) / (2.0 * eps)
 
 

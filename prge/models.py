@@ -272,6 +272,9 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_folder(folder: Path, torch_dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 1-second "Loading weights" bar per load is noise in our own progress
 
     if not (folder / "config.json").is_file():
         raise PrgeError(f"model folder {folder} has no config.json",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -72,7 +71,13 @@ def load_data(cfg: TrainConfig, tokenizer):
     from prge.tasks import load_task
 
     data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
-    return data.task.name, data.train, data.dev, data.test, data.task.label_words or None
+    words = data.task.label_words or None
+    if cfg.label_words and words:
+        if len(cfg.label_words) != len(words):
+            raise PrgeError(f"task {data.task.name} has {len(words)} labels but {len(cfg.label_words)} label words were given",
+                            f"give {len(words)} words, in the order of {words}")
+        words = [w if w.startswith(" ") else " " + w for w in cfg.label_words]
+    return data.task.name, data.train, data.dev, data.test, words
 
 
 def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
@@ -113,16 +118,18 @@ def one_step(s: Setup, batch, step: int, optimizer) -> tuple[float, float]:
     """(mean loss, mean |g|) of one training step of the configured method."""
     c = s.cfg
     if c.method == "prge":
-        r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, mode=c.mode, noise=c.noise)
+        r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, mode=c.mode,
+                      noise=c.noise, normalize=c.normalize)
     elif c.method == "mezo":
-        r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, noise=c.noise)
+        r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, noise=c.noise,
+                      normalize=c.normalize)
     else:
         loss = s.loss_fn(batch, 1)
         check_finite(loss.detach(), step)
         optimizer.zero_grad(set_to_none=True)
         loss[0].backward()
         optimizer.step()
-        return float(loss[0]), 0.0
+        return float(loss[0].detach()), 0.0
     return float(r.losses.mean()), float(r.g.abs().mean())
 
 
@@ -280,12 +287,9 @@ def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
 def prepare_eval_copy(s: Setup, folder: Path) -> dict:
     """Evaluate the test split with the weights of checkpoint `folder`, then restore the current ones."""
     current = [p.detach().clone() for p in trainable_b(s.model)]
-    tensors = io.load_tensors(io.resolve_dir(folder) / "adapter_model.safetensors")
-    layers = lora_layers(s.model)
+    adapters.load_adapter(s.model, io.resolve_dir(folder))  # copies into the existing LoRA layers
+    result = s.evaluate(s.test)
     with torch.no_grad():
-        for name, m in layers.items():
-            m.lora_B.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
-        result = s.evaluate(s.test)
         for p, c in zip(trainable_b(s.model), current):
             p.copy_(c)
     return result
@@ -329,6 +333,3 @@ def plot(metrics: Path, out: Path) -> None:
     plt.close(fig)
     io.atomic_write_bytes(out, buf.getvalue())
 
-
-def isfinite(x: float) -> bool:
-    return math.isfinite(x)

@@ -43,7 +43,7 @@ def check_finite(losses: torch.Tensor, step: int) -> None:
 
 @torch.no_grad()
 def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
-              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter") -> ZOStep:
+              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
     """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
     key = torch.tensor([seed, step], dtype=torch.int64)
     zs = [est.query_noise(key, j, q, tuple(p.shape), noise) for j, p in enumerate(params)]
@@ -60,7 +60,7 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
         raise PrgeError(f"unknown P-RGE mode {mode!r}", "use --mode dual or --mode single")
     use(model, None)
     check_finite(losses, step)
-    g = est.projected_grad(losses[:q], losses[q:], eps)
+    g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
     for p, z in zip(params, zs):
         p.copy_(est.update(p, z, g, lr))
     return ZOStep(losses, g)
@@ -68,7 +68,7 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
 
 @torch.no_grad()
 def mezo_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
-              q: int, eps: float, lr: float, noise: str = "counter") -> ZOStep:
+              q: int, eps: float, lr: float, noise: str = "counter", normalize: bool = False) -> ZOStep:
     """Sequential MeZO: q pairs of forwards of batch b, z regenerated from the key, never stored."""
     key = torch.tensor([seed, step], dtype=torch.int64)
 
@@ -87,7 +87,7 @@ def mezo_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
             p.add_(z(j, i, p), alpha=eps)
     losses = torch.stack(plus + minus)
     check_finite(losses, step)
-    g = est.projected_grad(losses[:q], losses[q:], eps)
+    g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
     for i in range(q):  # the same update as est.update, one query at a time (no stored noise)
         for j, p in enumerate(params):
             p.copy_(est.update(p, z(j, i, p)[None], g[i:i + 1], lr / q))

@@ -1,0 +1,541 @@
+"""The whole P-RGE step as one method of an ExecuTorch program, run by an unmodified runtime.
+
+`export_program` traces an MP-LoRA model (its LoRA layers already hold `copies` buffers of 2q
+copies of B) into one `.pte` with these methods, all sharing the program's mutable buffers (the
+2q copies of every B and the ε of the last step):
+
+    train_step(input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key[, z]) -> losses (2q,)
+        1. rebuild the clean B and the last step's noise from the copies: B = mean(B⁺ + B⁻)/2,
+           z = (B⁺ − B⁻) / 2ε_prev                                        (estimator.rebuild)
+        2. apply the pending update B ← B − lr · mean_i(g_i z_i)            (estimator.update)
+        3. draw new noise z' for step `key` = [seed, step]                   (estimator.query_noise)
+        4. write B⁺ = B + εz', B⁻ = B − εz' into the copies, store ε         (estimator.perturbed)
+        5. one batched forward of the batch repeated 2q times; returns the 2q per-copy losses
+    read_state(g, lr) -> B (total,)      clean B of every layer with the pending update folded in,
+                                         flattened and concatenated in manifest["layers"] order
+    read_raw() -> raw (2q·total + 1,)    the raw state (every layer's copies, then ε), for a
+                                         bit-exact checkpoint
+    write_raw(raw) -> eps                restore it
+    evaluate(input_ids, target_pos, g, lr) -> label-word scores (N, L)          (classification)
+    evaluate(input_ids, target_pos, target_ids, target_mask, g, lr) -> (loss_sum (N,), correct (N,))
+                                         per-example summed answer CE and correct tokens (loss "lm")
+
+The host keeps only the step number and g_i = (L⁺_i − L⁻_i)/2ε (one scalar per query), computed
+from the returned losses and passed to the next call; `prge.device` is that loop. Everything
+numeric is `prge.estimator`, the same functions the eager trainer calls, so with `noise="counter"`
+an engine run follows the eager trajectory (tests/test_export.py checks it).
+
+Noise: "counter" (default): the hash-based generator keyed by (seed, step), identical to eager
+training; "host": z (q, total) is an extra train_step input, drawn by the host (bit-exact with
+eager); "engine": in-graph `torch.randn`, which the runtime seeds from std::random_device on every
+call — runs cannot be reproduced, resumed exactly or compared with eager ones (opt-in only).
+
+Shapes are static (batch b, length T, K answer slots, q queries fixed at export); sequences are
+right-padded, with no attention mask (causal attention keeps the pads away from real positions)
+and the loss masked. Beside `X.pte` the exporter writes `X.pte.json` (the manifest: everything a
+host needs to feed the program and to refuse data made for another one) and
+`X.pte.adapter.safetensors` (the frozen A matrices, so the device loop can write a PEFT adapter
+without the model). `write_dataset` pre-tokenises data for a program (see its docstring).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import prge
+from prge import estimator as est
+from prge import io
+from prge.batch import Batch, Encoded, collate
+from prge.errors import PrgeError
+from prge.lora import lora_layers, set_copies, use
+from prge.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
+
+FORMAT = "prge-engine-program"
+FORMAT_VERSION = 1
+DATA_FORMAT = "prge-engine-data"
+NOISE_MODES = ("counter", "host", "engine")
+QUANTIZE_MODES = (None, "8da4w", "8da8w")
+LOSSES = ("class", "lm")
+# buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
+# which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
+STATE_PATTERNS = ["copies", "eps_prev"]
+# fields that must agree between a program's manifest and the data (or model) fed to it, with the
+# export option that changes each
+IDENTITY = {
+    "model": "--model",
+    "vocab_size": "--model (the tokenizer)",
+    "vocab_sha256": "--model (the tokenizer)",
+    "pad_id": "--model (the tokenizer)",
+    "batch_size": "--batch-size",
+    "max_length": "--max-length",
+    "answer_slots": "--max-length / the data (answer tokens per example)",
+    "q": "--q",
+    "loss": "--loss",
+    "label_ids": "--task / --label-words",
+    "layers": "--rank / --targets / --layers",
+}
+
+
+def manifest_path(program_path: str | os.PathLike) -> Path:
+    return Path(str(program_path) + ".json")
+
+
+def lora_a_path(program_path: str | os.PathLike) -> Path:
+    return Path(str(program_path) + ".adapter.safetensors")
+
+
+def vocab_sha256(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def layer_table(model: nn.Module) -> list[dict]:
+    """[{name, shape (out, r), offset}] in the order the program concatenates the B tensors."""
+    out, offset = [], 0
+    for name, m in lora_layers(model).items():
+        out.append({"name": name, "shape": [m.out_features, m.rank], "offset": offset})
+        offset += m.out_features * m.rank
+    return out
+
+
+def model_meta(model: nn.Module, tokenizer, model_name: str | None = None) -> dict:
+    """The identity fields of a model + tokenizer, to `check_manifest` a program against them."""
+    meta = {"vocab_size": len(tokenizer), "vocab_sha256": vocab_sha256(tokenizer), "pad_id": tokenizer.pad_token_id}
+    if model_name is not None:
+        meta["model"] = model_name
+    if lora_layers(model):
+        meta["layers"] = layer_table(model)
+    return meta
+
+
+def check_manifest(manifest: dict, data_meta: dict) -> None:
+    """Refuse a program whose manifest disagrees with the data (or model) meant for it.
+
+    Compares every identity field present in both (model, tokenizer vocabulary, b, T, K, q, loss,
+    label ids, LoRA layers) and raises a PrgeError naming the first difference and the fix.
+    """
+    if manifest.get("format") != FORMAT:
+        raise PrgeError("not a prge program manifest", "export the program with `prge export`")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise PrgeError(f"the program was exported by a newer prge (manifest version {manifest.get('format_version')})",
+                        "upgrade prge or re-export the program with this version")
+    for key, flag in IDENTITY.items():
+        if key in manifest and key in data_meta and manifest[key] != data_meta[key]:
+            a, b = manifest[key], data_meta[key]
+            if key == "layers":
+                a = [(x["name"], tuple(x["shape"])) for x in a]
+                b = [(x["name"], tuple(x["shape"])) for x in b]
+                if a == b:
+                    continue
+                diff = next((f"{x} vs {y}" for x, y in zip(a, b) if x != y), f"{len(a)} vs {len(b)} layers")
+                a, b = f"LoRA layers differ ({diff})", ""
+            shown = f"{key}={_short(a)} in the program but {_short(b)} in the data/model" if key != "layers" else a
+            raise PrgeError(f"{manifest.get('program', 'the program')} does not match: {shown}",
+                            f"re-export the program for this data/model (prge export ... {flag}), "
+                            "or write the data for this program (prge export writes both)")
+
+
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 40 else s[:18] + "…" + s[-18:]
+
+
+def load_manifest(program_path: str | os.PathLike) -> dict:
+    path = manifest_path(program_path)
+    if not path.is_file():
+        raise PrgeError(f"{path} not found (every prge program has its manifest beside it)",
+                        "export the program with `prge export`, which writes both")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise PrgeError(f"{path} is not valid JSON ({e})", "re-export the program") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PrgeError(f"{path} is not a prge program manifest", "re-export the program with `prge export`")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# the exported module
+
+
+class StepProgram(nn.Module):
+    """The MP-LoRA model plus the step's own state (ε of the last step), one Python method per
+    exported method; `self.method` picks which one `forward` is while tracing."""
+
+    def __init__(self, model: nn.Module, label_ids: torch.Tensor | None, q: int, loss: str, noise: str):
+        super().__init__()
+        self.model = model
+        self.q, self.loss, self.noise = q, loss, noise
+        self.shapes = [tuple(m.copies.shape[1:]) for m in lora_layers(model).values()]
+        # ε of the previous step, to rebuild z from the copies. 1, not 0: the first call divides by
+        # it (the copies are then all equal, so z = 0 and the g = 0 update is a no-op).
+        self.register_buffer("eps_prev", torch.ones(1))
+        self.label_ids = None if label_ids is None else torch.as_tensor(label_ids, dtype=torch.long).clone()
+        self.method = "train_step"
+
+    def forward(self, *args):
+        return getattr(self, self.method)(*args)
+
+    def _layers(self):
+        return list(lora_layers(self.model).values())
+
+    def _clean(self, g: torch.Tensor, lr: torch.Tensor) -> list[torch.Tensor]:
+        """Clean B of every layer with the pending update (g of the last step) applied."""
+        out = []
+        for m in self._layers():
+            b, z = est.rebuild(m.copies, self.eps_prev)
+            out.append(est.update(b, z, g, lr))
+        return out
+
+    def _noise(self, key: torch.Tensor, z: torch.Tensor | None) -> list[torch.Tensor]:
+        if self.noise == "counter":
+            return [est.query_noise(key, j, self.q, s) for j, s in enumerate(self.shapes)]
+        if self.noise == "engine":
+            return [torch.randn(self.q, *s) for s in self.shapes]
+        sizes = [math.prod(s) for s in self.shapes]
+        return [part.reshape(self.q, *s) for part, s in zip(torch.split(z, sizes, dim=1), self.shapes)]
+
+    def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
+        clean = self._clean(g, lr)
+        zs = self._noise(key, z)
+        for m, b, zz in zip(self._layers(), clean, zs):
+            m.copies.copy_(est.perturbed(b, zz, eps, "+-"))
+        self.eps_prev.copy_(eps)
+        return self._copy_losses(Batch(input_ids, target_pos, target_ids, target_mask, label), "copies")
+
+    def forward_losses(self, input_ids, target_pos, target_ids, target_mask, label):
+        """The same batched forward over the 2q copies as train_step, without the ZO arithmetic
+        (what `benchmarks/engine_step.py` compares the step against)."""
+        return self._copy_losses(Batch(input_ids, target_pos, target_ids, target_mask, label), "copies")
+
+    def _copy_losses(self, batch: Batch, which) -> torch.Tensor:
+        c = 2 * self.q
+        use(self.model, which)
+        try:
+            return copy_losses(self.model, batch.repeat(c), c, self.label_ids if self.loss == "class" else None, self.loss)
+        finally:
+            use(self.model, None)
+
+    def read_state(self, g, lr):
+        return torch.cat([b.reshape(-1) for b in self._clean(g, lr)])
+
+    def read_raw(self):
+        # one derived vector (never a buffer itself: XNNPACK refuses that, and a lone scalar op on
+        # unmutated buffers trips an ExecuTorch constant-naming bug)
+        return torch.cat([m.copies.reshape(-1) for m in self._layers()] + [self.eps_prev])
+
+    def write_raw(self, raw):
+        start = 0
+        for m in self._layers():
+            n = m.copies.numel()
+            m.copies.copy_(raw[start:start + n].reshape(m.copies.shape))
+            start += n
+        self.eps_prev.copy_(raw[start:start + 1])
+        return raw[start:start + 1] * 1.0
+
+    def evaluate_class(self, input_ids, target_pos, g, lr):
+        use(self.model, [b[None] for b in self._clean(g, lr)])
+        try:
+            return label_scores(self.model, Batch(input_ids, target_pos, None, None, None), self.label_ids)
+        finally:
+            use(self.model, None)
+
+    def evaluate_lm(self, input_ids, target_pos, target_ids, target_mask, g, lr):
+        use(self.model, [b[None] for b in self._clean(g, lr)])
+        try:
+            h = hidden_at(self.model, input_ids, target_pos)
+            logits = head(self.model, h)
+            ce = (cross_entropy(logits, target_ids) * target_mask).sum(1)
+            correct = ((logits.argmax(-1) == target_ids).float() * target_mask).sum(1)
+            return ce, correct
+        finally:
+            use(self.model, None)
+
+
+def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, loss: str, noise: str,
+                    with_labels: bool) -> dict[str, tuple]:
+    def batch(n):
+        return (torch.zeros(n, T, dtype=torch.long), torch.zeros(n, K, dtype=torch.long),
+                torch.zeros(n, K, dtype=torch.long), torch.ones(n, K), torch.zeros(n, dtype=torch.long))
+
+    scalar = torch.full((1,), 1e-3)
+    g = torch.zeros(q)
+    key = torch.zeros(2, dtype=torch.long)
+    step = batch(b) + (scalar, scalar, g, key) + ((torch.zeros(q, total),) if noise == "host" else ())
+    inputs = {
+        "train_step": step,
+        "read_state": (g, scalar),
+        "read_raw": (),
+        "write_raw": (torch.ones(2 * q * total + 1),),
+    }
+    ev = batch(n_eval)
+    if with_labels:
+        inputs["evaluate"] = (ev[0], ev[1][:, :1], g, scalar)
+    else:
+        inputs["evaluate"] = (ev[0], ev[1], ev[2], ev[3], g, scalar)
+    inputs["forward_losses"] = batch(b)
+    return inputs
+
+
+METHOD_SIGNATURES = {
+    "train_step": "(input_ids i64 (b,T), target_pos i64 (b,K), target_ids i64 (b,K), target_mask f32 (b,K), "
+                  "label i64 (b,), lr f32 (1,), eps f32 (1,), g f32 (q,), key i64 (2,) = [seed, step][, z f32 (q,total)]) "
+                  "-> losses f32 (2q,): L+ of queries 1..q, then L- of queries 1..q",
+    "read_state": "(g f32 (q,), lr f32 (1,)) -> B f32 (total,): clean B of every layer, pending update folded in",
+    "read_raw": "() -> raw f32 (2q*total+1,): each layer's copies (2q,out,r) flattened, in layer order, then eps",
+    "write_raw": "(raw f32 (2q*total+1,) as read_raw returns it) -> eps f32 (1,)",
+    "evaluate_class": "(input_ids i64 (N,T), target_pos i64 (N,1), g f32 (q,), lr f32 (1,)) -> scores f32 (N,L)",
+    "evaluate_lm": "(input_ids i64 (N,T), target_pos i64 (N,K), target_ids i64 (N,K), target_mask f32 (N,K), "
+                   "g f32 (q,), lr f32 (1,)) -> (ce_sum f32 (N,), correct f32 (N,))",
+    "forward_losses": "(input_ids, target_pos, target_ids, target_mask, label as train_step) -> losses f32 (2q,)",
+}
+
+
+def _quantize(model: nn.Module, mode: str) -> nn.Module:
+    """Quantise the frozen base linears (not LoRA A/B, not the LM head, which may be tied to the
+    embeddings) with torchao's int8-dynamic-activation / intx-weight config, which lowers to XNNPACK."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if mode == "8da4w":
+        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    else:
+        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    out_emb = model.get_output_embeddings()
+
+    def is_base(m, fqn):
+        if not isinstance(m, nn.Linear) or m is out_emb:
+            return False
+        return mode != "8da4w" or m.in_features % 32 == 0
+
+    quantize_(model, cfg, filter_fn=is_base)
+    return model
+
+
+def _edge_compile_config():
+    from executorch.exir import EdgeCompileConfig
+
+    # the counter noise shifts int32 values right; the op is outside core ATen, its portable kernel exists
+    return EdgeCompileConfig(_core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar,
+                                                            torch.ops.aten.bitwise_right_shift.Tensor])
+
+
+def _int_ops(ep):
+    """Map the Python-operator overloads the counter noise traces to (`x >> k`, `x & m`, `x ^ c`)
+    onto the bitwise ops that have portable kernels: `aten.__rshift__.Scalar` has none, and
+    `__xor__.Scalar` would decompose into an int32 ^ int64-scalar-tensor the edge verifier refuses."""
+    aten = torch.ops.aten
+    table = {
+        aten.__rshift__.Scalar: aten.bitwise_right_shift.Tensor_Scalar,
+        aten.__rshift__.Tensor: aten.bitwise_right_shift.Tensor,
+        aten.__xor__.Scalar: aten.bitwise_xor.Scalar,
+        aten.__and__.Scalar: aten.bitwise_and.Scalar,
+        aten.__or__.Scalar: aten.bitwise_or.Scalar,
+    }
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+    ep.graph_module.recompile()
+    return ep
+
+
+def lower(programs: dict, xnnpack_methods: set[str]):
+    """Exported programs -> ExecuTorch program bytes, all methods sharing the mutable buffers."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    partitioner = {name: ([XnnpackPartitioner()] if name in xnnpack_methods else []) for name in programs}
+    edge = to_edge_transform_and_lower(programs, partitioner=partitioner, compile_config=_edge_compile_config())
+    et = edge.to_executorch(ExecutorchBackendConfig(
+        passes=[InitializedMutableBufferPass(STATE_PATTERNS)],
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=False,  # with names, read-only methods failed to load or re-initialised state
+    ))
+    return et.buffer
+
+
+def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size: int, max_length: int,
+                   answer_slots: int = 1, loss: str = "class", noise: str = "counter", quantize: str | None = None,
+                   out_path: str | os.PathLike, model_name: str, label_words: list[str] | None = None,
+                   eval_batch_size: int | None = None, forward_method: bool = False, log=None) -> dict:
+    """Export the P-RGE step of an MP-LoRA `model` as `out_path` (.pte) + manifest; returns the manifest.
+
+    The model's LoRA copies are resized to 2q (`set_copies`) and start as the clean B. With
+    `quantize`, a deep copy of the model gets a quantised base (the caller's model is untouched).
+    `eval_batch_size` (default 2q·b, the rows of a training forward) is the evaluate method's N.
+    `forward_method` adds `forward_losses` (the plain batched forward, for benchmarks).
+    """
+    log = log or (lambda msg: None)
+    if noise not in NOISE_MODES:
+        raise PrgeError(f"unknown noise mode {noise!r}", f"use one of {', '.join(NOISE_MODES)}")
+    if quantize not in QUANTIZE_MODES:
+        raise PrgeError(f"unknown quantization {quantize!r}", "use --quantize 8da4w or 8da8w, or leave it out")
+    if loss not in LOSSES:
+        raise PrgeError(f"unknown loss {loss!r}", "use --loss class or --loss lm")
+    if loss == "class" and label_ids is None:
+        raise PrgeError("loss 'class' needs label words", "use --loss lm for completion data")
+    if q < 1 or batch_size < 1 or max_length < 2 or answer_slots < 1:
+        raise PrgeError(f"bad program shape q={q}, batch_size={batch_size}, max_length={max_length}, answer_slots={answer_slots}",
+                        "pass positive --q and --batch-size and --max-length >= 2")
+    layers = lora_layers(model)
+    if not layers:
+        raise PrgeError("the model has no LoRA layers", "add them with prge.lora.add_lora first")
+    out_path = Path(out_path)
+    set_copies(model, 2 * q)
+    table = layer_table(model)
+    total = sum(math.prod(x["shape"]) for x in table)
+    n_eval = eval_batch_size or 2 * q * batch_size
+    with_labels = label_ids is not None
+    if with_labels:
+        label_ids = torch.as_tensor(label_ids, dtype=torch.long)
+
+    traced = model
+    if quantize:
+        traced = _quantize(copy.deepcopy(model), quantize)
+    core = StepProgram(traced, label_ids, q, loss, noise).eval()
+    inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels)
+    eval_name = "evaluate_class" if with_labels else "evaluate_lm"
+    names = {"train_step": "train_step", "read_state": "read_state", "read_raw": "read_raw", "write_raw": "write_raw",
+             "evaluate": eval_name}
+    if forward_method:
+        names["forward_losses"] = "forward_losses"
+    t0 = time.time()
+    programs = {}
+    with torch.no_grad():
+        for public, impl in names.items():
+            core.method = impl
+            programs[public] = _int_ops(torch.export.export(core, inputs[public], strict=False))
+    log(f"exported {len(programs)} methods in {time.time() - t0:.0f} s; lowering to XNNPACK (tens of seconds to minutes)")
+    t0 = time.time()
+    data = lower(programs, {"train_step", "evaluate", "forward_losses"})
+    log(f"lowered in {time.time() - t0:.0f} s; program {len(data) / 1e6:.1f} MB")
+    io.atomic_write_bytes(out_path, data)
+
+    # the frozen A matrices and the PEFT adapter config, for the device loop's adapter files
+    from prge import adapters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters.save_adapter(model, Path(tmp) / "a", model_name)
+        adapter_config = json.loads((Path(tmp) / "a" / adapters.CONFIG_NAME).read_text())
+        a_tensors = {k: v for k, v in io.load_tensors(Path(tmp) / "a" / adapters.WEIGHTS_NAME).items() if ".lora_A." in k}
+    io.save_tensors(lora_a_path(out_path), a_tensors)
+
+    first = next(iter(layers.values()))
+    words = label_words
+    if words is None and with_labels:
+        words = [tokenizer.decode([i]) for i in label_ids.tolist()]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prge_version": prge.__version__,
+        "program": out_path.name,
+        "program_bytes": len(data),
+        "program_sha256": hashlib.sha256(data).hexdigest(),
+        "model": model_name,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or model_name,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": vocab_sha256(tokenizer),
+        "pad_id": tokenizer.pad_token_id,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "answer_slots": answer_slots,
+        "eval_batch_size": n_eval,
+        "q": q,
+        "copies": 2 * q,
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "layers": table,
+        "total": total,
+        "dtype": "float32",
+        "noise": noise,
+        "reproducible": noise != "engine",
+        "loss": loss,
+        "label_words": words,
+        "label_ids": label_ids.tolist() if with_labels else None,
+        "quantization": quantize,
+        "methods": {public: METHOD_SIGNATURES[impl] for public, impl in names.items()},
+        "adapter_config": adapter_config,
+        "lora_a_file": lora_a_path(out_path).name,
+    }
+    if noise == "engine":
+        manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "
+                               "cannot be resumed exactly, and do not match eager training")
+    io.atomic_write_json(manifest_path(out_path), manifest)
+    return manifest
+
+
+def check_eps(manifest: dict, eps: float) -> None:
+    """Warn when ε is too small for a quantised base (per-token activation quantisation adds noise
+    to L⁺ − L⁻: the estimate's correlation with fp32 was 0.98 at ε = 1e-3, 0.999 at ε = 1e-2)."""
+    if manifest.get("quantization") and eps < 1e-2:
+        warnings.warn(f"eps={eps} with a {manifest['quantization']} base: activation quantisation noise swamps "
+                      "L+ - L- at small eps; use eps >= 1e-2", stacklevel=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# pre-tokenised data for the device loop
+
+
+def write_dataset(path: str | os.PathLike, data, manifest: dict) -> dict:
+    """Write the train and dev examples, padded to the program's (T, K), as one safetensors file.
+
+    `data` is a `prge.train.Setup` (its .train / .dev / .pad_id) or a dict {"train": [Encoded],
+    "dev": [Encoded]} (pad id: manifest["pad_id"]). The file holds, for each split s in train, dev:
+
+        s_input_ids   int32 (n, T)   prompt + answer, right-padded with pad_id
+        s_target_pos  int32 (n, K)   position whose next-token logits predict answer token k
+        s_target_ids  int32 (n, K)   the answer tokens (pad_id in unused slots)
+        s_target_mask float32 (n, K) 1 for real answer tokens
+        s_label       int32 (n,)     class index into the label words, -1 for completions
+
+    and the metadata key "prge" (a JSON string): format, the program's identity fields (model,
+    vocabulary hash, b, T, K, q, loss, label ids, layers) and n_train / n_dev. safetensors is
+    an 8-byte header length, a JSON header, and raw little-endian tensors: trivial to read from C++.
+    Returns the metadata.
+    """
+    if isinstance(data, dict):
+        splits, pad_id = data, manifest["pad_id"]
+    else:
+        splits, pad_id = {"train": data.train, "dev": data.dev}, data.pad_id
+    T, K = manifest["max_length"], manifest["answer_slots"]
+    tensors = {}
+    for split in ("train", "dev"):
+        items: list[Encoded] = list(splits.get(split) or [])
+        if not items:
+            if split == "train":
+                raise PrgeError("no training examples to write", "check the data")
+            continue
+        b = collate(items, pad_id, T, K)
+        tensors[f"{split}_input_ids"] = b.input_ids.to(torch.int32)
+        tensors[f"{split}_target_pos"] = b.target_pos.to(torch.int32)
+        tensors[f"{split}_target_ids"] = b.target_ids.to(torch.int32)
+        tensors[f"{split}_target_mask"] = b.target_mask.to(torch.float32)
+        tensors[f"{split}_label"] = b.label.to(torch.int32)
+    meta = {"format": DATA_FORMAT, "format_version": FORMAT_VERSION, "prge_version": prge.__version__,
+            **{k: manifest[k] for k in IDENTITY if k in manifest},
+            "n_train": len(splits["train"]), "n_dev": len(splits.get("dev") or [])}
+    io.save_tensors(path, tensors, metadata={"format": "pt", "prge": json.dumps(meta)})
+    return meta

@@ -1,0 +1,176 @@
+"""A training run end to end on a tiny model: outputs, resume, methods, and bad input at the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prge.cli import main
+from prge.config import TrainConfig
+from prge.testing import save_tiny
+from prge.train import run
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("m") / "tiny", "llama")
+
+
+def cfg(tiny, out, **kw):
+    base = dict(model=tiny, task="sst2", data_root=str(DATA), n_train=40, n_dev=16, n_test=16, steps=6, eval_every=3,
+                rank=2, alpha=4, q=2, batch_size=2, lr=0.05, out=str(out), progress=False, max_length=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "split" not in r]
+
+
+def test_run_writes_everything(tiny, tmp_path):
+    summary = run(cfg(tiny, tmp_path / "r"))
+    r = tmp_path / "r"
+    for f in ["config.yaml", "metrics.jsonl", "curves.png", "summary.json", "checkpoints/last/adapter_model.safetensors",
+              "checkpoints/last/adapter_config.json", "checkpoints/best/trainer_state.json"]:
+        assert (r / f).is_file(), f
+    assert len(losses(r)) == 6
+    assert summary["test_before"] is not None and 0 <= summary["test_after_last"] <= 1
+    assert (r / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the adapter moved away from zero
+    from prge.io import load_tensors
+
+    b = [v for k, v in load_tensors(r / "checkpoints/last/adapter_model.safetensors").items() if "lora_B" in k]
+    assert max(float(t.abs().max()) for t in b) > 0
+
+
+@pytest.mark.parametrize("method,extra", [("prge", {}), ("mezo", {}), ("fo", {"optimizer": "adam", "lr": 1e-3})])
+def test_resume_continues_the_exact_trajectory(tiny, tmp_path, method, extra):
+    full = tmp_path / "full"
+    run(cfg(tiny, full, method=method, **extra))
+    part = tmp_path / "part"
+    out = run(cfg(tiny, part, method=method, **extra), stop_after=3)
+    assert out["stopped_at"] == 3 and len(losses(part)) == 3
+    run(cfg(tiny, part, method=method, resume=str(part), **extra))
+    assert losses(part) == losses(full)  # bit for bit: same losses after the resume
+    from prge.io import load_tensors
+
+    a = load_tensors(full / "checkpoints/last/adapter_model.safetensors")
+    b = load_tensors(part / "checkpoints/last/adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_trajectory_other_seed_differs(tiny, tmp_path):
+    run(cfg(tiny, tmp_path / "a", steps=3, eval_every=0))
+    run(cfg(tiny, tmp_path / "b", steps=3, eval_every=0))
+    run(cfg(tiny, tmp_path / "c", steps=3, eval_every=0, seed=1))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_user_jsonl_completion_data(tiny, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"the movie {i} was", "completion": " great"}) + "\n" for i in range(20)))
+    summary = run(cfg(tiny, tmp_path / "u", train_file=str(f), steps=2, eval_every=0))
+    assert summary["task"] == "d" and summary["n_test"] == 2
+
+
+def test_user_classification_csv(tiny, tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\n" + "".join(f"film number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20)))
+    # label words as name -> word (a YAML mapping in a config file); a leading space is added
+    c = cfg(tiny, tmp_path / "u", train_file=str(f), template="{text} It was", steps=1, eval_every=0)
+    c.label_words = {"neg": "terrible", "pos": "great"}
+    summary = run(c)
+    assert 0 <= summary["test_after_last"] <= 1
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    import prge.train as train
+
+    r = tmp_path / "n"
+    run(cfg(tiny, r, steps=3))
+    before = (r / "checkpoints/last/adapter_model.safetensors").read_bytes()
+    real = train.Setup.loss_fn
+
+    def bad(self, batch, copies):
+        out = real(self, batch, copies)
+        return out * float("nan")
+
+    monkeypatch.setattr(train.Setup, "loss_fn", bad)
+    from prge.errors import PrgeError
+
+    with pytest.raises(PrgeError, match="step 4"):
+        run(cfg(tiny, r, steps=6, resume=str(r)))
+    assert (r / "checkpoints/last/adapter_model.safetensors").read_bytes() == before
+
+
+def cli(*args, capsys):
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--task", "nope"], "unknown task"),
+    (["--q", "0"], "q (queries per step) must be >= 1"),
+    (["--eps", "0"], "eps (perturbation scale) must be > 0"),
+    (["--targets", "no_such_proj"], "match nothing"),
+    (["--train-file", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    (["--model", "/no/such/model/folder"], "does not exist"),
+    (["--label-words", " great", " xylophonically", "--train-file", "LABELS"], "tokens"),
+])
+def test_bad_input_is_one_clear_line(tiny, tmp_path, capsys, args, needle):
+    if "LABELS" in args:
+        f = tmp_path / "l.jsonl"
+        f.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 2}) + "\n" for i in range(10)))
+        args = [str(f) if a == "LABELS" else a for a in args]
+    base = ["train", "--model", tiny, "--data-root", str(DATA), "--out", str(tmp_path / "o"), "--n-train", "8",
+            "--n-dev", "4", "--n-test", "4", "--steps", "1", "--no-progress"]
+    code, err = cli(*base, *args, capsys=capsys)
+    assert code == 2
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and needle in line[0], err
+    assert "Traceback" not in err
+
+
+def test_malformed_jsonl_row_names_file_and_line(tiny, tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a", \n')
+    code, err = cli("train", "--model", tiny, "--train-file", str(f), "--out", str(tmp_path / "o"), capsys=capsys)
+    assert code == 2 and "bad.jsonl:2" in err
+
+
+def test_yaml_config_and_flags(tiny, tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {tiny}\ndata_root: {DATA}\nn_train: 8\nn_dev: 4\nn_test: 4\nsteps: 2\nq: 3\nrank: 2\n")
+    code, _ = cli("train", "--config", str(y), "--q", "1", "--out", str(tmp_path / "y"), "--no-progress", "--eval-every", "0",
+                  capsys=capsys)
+    assert code == 0
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "y" / "config.yaml").read_text())
+    assert saved["q"] == 1 and saved["steps"] == 2 and saved["rank"] == 2  # flag beats file, file beats default
+    y.write_text("nonsense_option: 3\n")
+    code, err = cli("train", "--config", str(y), capsys=capsys)
+    assert code == 2 and "nonsense_option" in err
+
+
+def test_eval_and_merge_commands(tiny, tmp_path, capsys):
+    r = tmp_path / "r"
+    run(cfg(tiny, r, steps=3))
+    adapter = r / "checkpoints" / "last"
+    code = main(["eval", "--adapter", str(adapter), "--data-root", str(DATA), "--n-test", "16", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and "test: accuracy" in out
+    res = json.loads(out.strip().splitlines()[-1])
+    code = main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tmp_path / "merged"), "--data-root", str(DATA), "--n-test", "16", "--json"])
+    merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert merged["test"]["accuracy"] == res["test"]["accuracy"]
+    assert abs(merged["test"]["loss"] - res["test"]["loss"]) < 1e-4
