@@ -63,6 +63,9 @@ class Batch:
         """The batch repeated `copies` times along the batch dimension: block k is copy k."""
         return Batch(*(t.repeat(copies, *([1] * (t.dim() - 1))) for t in self.tensors()))
 
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in self.tensors()))
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.input_ids, self.target_pos, self.target_ids, self.target_mask, self.label)
 

@@ -64,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = opt(32, "examples per evaluation forward")
     seed: int = opt(0, "seed for data sampling, LoRA A initialisation, and noise")
     dtype: str = opt("float32", "model weights dtype (keep float32 for zeroth-order on CPU)", ["float32", "bfloat16", "float16"])
+    device: str = opt("cpu", "torch device for eager training (cpu, cuda, cuda:1, mps)")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     out: str | None = opt(None, "run folder (default: runs/<task>-<method>-<time>)")
     resume: str | None = opt(None, "a run folder or checkpoint folder to continue exactly from")

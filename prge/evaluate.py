@@ -25,13 +25,14 @@ def evaluate(model, items: list[Encoded], pad_id: int, label_ids: torch.Tensor |
     """{"accuracy", "loss", "n"} (+ "label_share": how often each label is predicted, to spot drift)."""
     correct, total_loss, n, tokens = 0, 0.0, 0, 0
     counts = torch.zeros(len(label_ids) if label_ids is not None else 1)
+    label_ids = None if label_ids is None else label_ids.to(model.device)
     for chunk in batches(items, batch_size):
-        batch = collate(chunk, pad_id)
+        batch = collate(chunk, pad_id).to(model.device)
         if label_ids is not None:
             scores = label_scores(model, batch, label_ids)
             pred = scores.argmax(-1)
             correct += int((pred == batch.label).sum())
-            counts += torch.bincount(pred, minlength=len(label_ids)).float()
+            counts += torch.bincount(pred.cpu(), minlength=len(label_ids)).float()
             if loss == "class":
                 total_loss += float(cross_entropy(scores, batch.label).sum())
             else:

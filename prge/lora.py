@@ -54,8 +54,9 @@ class MPLoRALinear(nn.Module):
         self.in_features, self.out_features = _in_out(base)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32, device=w.device), requires_grad=train_a)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's initialisation of A
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's initialisation of A, drawn on the CPU: same A on every device
+        self.lora_A = nn.Parameter(a.to(w.device), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=w.device))
         self.register_buffer("copies", torch.zeros(copies, self.out_features, rank, dtype=torch.float32, device=w.device))
         self._use: torch.Tensor | str | None = None

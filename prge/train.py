@@ -86,8 +86,9 @@ def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.dtype)
+    model.to(cfg.device)
     name, train, dev, test, words = load_data(cfg, tok)
-    label_ids = torch.tensor(label_word_ids(tok, words)) if words else None
+    label_ids = torch.tensor(label_word_ids(tok, words), device=cfg.device) if words else None
     enc = dict(tokenizer=tok, max_length=cfg.max_length, label_ids=label_ids.tolist() if label_ids is not None else None,
                truncate=cfg.truncate)
     train_e, dev_e, test_e = encode(train, **enc), encode(dev, **enc), encode(test, **enc)
@@ -238,7 +239,7 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
     for step in range(start + 1, end + 1):
         t = time.time()
-        batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id)
+        batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id).to(cfg.device)
         loss, g_abs = one_step(s, batch, step, optimizer)
         append_metrics(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:

@@ -45,7 +45,7 @@ def check_finite(losses: torch.Tensor, step: int) -> None:
 def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
               q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
     """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
-    key = torch.tensor([seed, step], dtype=torch.int64)
+    key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
     zs = [est.query_noise(key, j, q, tuple(p.shape), noise) for j, p in enumerate(params)]
     if mode == "dual":
         use(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)])
@@ -70,7 +70,7 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
 def mezo_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
               q: int, eps: float, lr: float, noise: str = "counter", normalize: bool = False) -> ZOStep:
     """Sequential MeZO: q pairs of forwards of batch b, z regenerated from the key, never stored."""
-    key = torch.tensor([seed, step], dtype=torch.int64)
+    key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
 
     def z(j: int, i: int, p: torch.Tensor) -> torch.Tensor:
         return est.noise(key, j, i, tuple(p.shape), noise).to(p.dtype)
