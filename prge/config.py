@@ -34,7 +34,7 @@ class TrainConfig:
     train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
     eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
     template: str = opt("{text}", "prompt template for text/label rows; {text} is replaced by the row's text")
-    label_words: list[str] | None = opt(None, "label words in label order (a leading space is added): for text/label rows, or to replace a built-in task's words")
+    label_words: list[str] | None = opt(None, "label words in label order, or name=word pairs (a leading space is added): for text/label rows, or to replace a built-in task's words")
     # method
     method: str = opt("prge", "prge: parallel queries in one batched forward; mezo: sequential queries; fo: backprop", ["prge", "mezo", "fo"])
     mode: str = opt("dual", "prge only: dual = one forward of 2q·b rows; single = two forwards of q·b rows", ["dual", "single"])

@@ -65,8 +65,11 @@ def load_data(cfg: TrainConfig, tokenizer):
     if cfg.train_file:
         from prge.userdata import load_user_data
 
+        words = cfg.label_words
+        if isinstance(words, list) and words and all("=" in w for w in words):  # --label-words neg=terrible pos=great
+            words = dict(w.split("=", 1) for w in words)
         train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
-                                          label_words=cfg.label_words, tokenizer=tokenizer)
+                                          label_words=words, tokenizer=tokenizer)
         return Path(cfg.train_file).stem, train, dev, dev, info.get("label_words")
     from prge.tasks import load_task
 
