@@ -77,6 +77,8 @@ class MPLoRALinear(nn.Module):
             shape = ax.shape
             d = torch.bmm(ax.reshape(c, -1, self.rank), b.transpose(1, 2))  # block k · B_kᵀ
             d = d.reshape(*shape[:-1], self.out_features)
+        if d.dtype == y.dtype:
+            return y.add_(d, alpha=self.scale)  # in place: y is the base layer's fresh output
         return y + (self.scale * d).to(y.dtype)
 
 
