@@ -105,7 +105,21 @@ def load_yaml(path: str) -> dict:
     unknown = sorted(set(k.replace("-", "_") for k in data) - known)
     if unknown:
         raise PrgeError(f"{path}: unknown options {unknown}", "see `prge train --help` for the option names")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return coerce({k.replace("-", "_"): v for k, v in data.items()}, path)
+
+
+def coerce(values: dict, where: str = "config") -> dict:
+    """Numbers written as YAML strings become numbers: YAML 1.1 reads `lr: 1e-3` as the string "1e-3"."""
+    types = {f.name: str(f.type) for f in fields()}
+    out = dict(values)
+    for k, v in values.items():
+        tp = types.get(k, "")
+        if isinstance(v, str) and ("float" in tp or "int" in tp) and not tp.startswith("list"):
+            try:
+                out[k] = int(v) if tp.startswith("int") else float(v)
+            except ValueError:
+                raise PrgeError(f"{where}: {k} must be a number, got {v!r}", f"write e.g. {k}: 0.001") from None
+    return out
 
 
 def to_yaml(cfg: TrainConfig) -> str:

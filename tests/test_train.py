@@ -146,7 +146,7 @@ def test_malformed_jsonl_row_names_file_and_line(tiny, tmp_path, capsys):
 
 def test_yaml_config_and_flags(tiny, tmp_path, capsys):
     y = tmp_path / "c.yaml"
-    y.write_text(f"model: {tiny}\ndata_root: {DATA}\nn_train: 8\nn_dev: 4\nn_test: 4\nsteps: 2\nq: 3\nrank: 2\n")
+    y.write_text(f"model: {tiny}\ndata_root: {DATA}\nn_train: 8\nn_dev: 4\nn_test: 4\nsteps: 2\nq: 3\nrank: 2\nlr: 1e-3\n")
     code, _ = cli("train", "--config", str(y), "--q", "1", "--out", str(tmp_path / "y"), "--no-progress", "--eval-every", "0",
                   capsys=capsys)
     assert code == 0
@@ -154,6 +154,7 @@ def test_yaml_config_and_flags(tiny, tmp_path, capsys):
 
     saved = yaml.safe_load((tmp_path / "y" / "config.yaml").read_text())
     assert saved["q"] == 1 and saved["steps"] == 2 and saved["rank"] == 2  # flag beats file, file beats default
+    assert saved["lr"] == 1e-3  # YAML 1.1 reads 1e-3 as a string; it still arrives as a number
     y.write_text("nonsense_option: 3\n")
     code, err = cli("train", "--config", str(y), capsys=capsys)
     assert code == 2 and "nonsense_option" in err

@@ -1,0 +1,46 @@
+"""Short P-RGE runs of SmolLM2-135M on SST-2 with a few settings each, ranked by dev accuracy.
+
+Usage: python benchmarks/sst2_probe.py OUT.jsonl 'rank=1 lr=1e-2' 'rank=4 lr=3e-3 normalize=true' ...
+Each argument is one run: `key=value` overrides of prge.config.TrainConfig (values parsed as YAML).
+Common settings are the defaults of `prge train` plus `--base 'key=value ...'`. Selection uses the dev
+split only; the test split is evaluated once at the start and end of each run, as `prge train` does.
+Appends one JSON line per run (the run's summary, its overrides and its dev curve) to OUT.jsonl.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import yaml
+
+from prge.config import TrainConfig, coerce
+from prge.train import run
+
+
+def overrides(text: str) -> dict:
+    return coerce({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in text.split())})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--base", default="", help="settings common to every run")
+    args = p.parse_args()
+    for spec in args.runs:
+        kw = {**overrides(args.base), **overrides(spec)}
+        run_dir = Path("runs") / "probe" / "_".join(f"{k}-{v}" for k, v in kw.items()).replace("/", "")
+        t = time.time()
+        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False}))
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "dev"]
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"overrides": kw, "dev_curve": curve, **summary, "wall_minutes": (time.time() - t) / 60,
+                                "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")}) + "\n")
+        print(spec, "dev", curve, "test", summary["test_before"], "->", summary["test_after_best"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
