@@ -4,6 +4,8 @@
     prge eval  --adapter runs/x/checkpoints/best          accuracy of a model or an adapter
     prge merge --adapter DIR --out DIR                    fold an adapter into a plain HF model
     prge tasks                                            list the built-in tasks
+    prge export --out X.pte [--option value ...]           the P-RGE step as an ExecuTorch program + its data
+    prge device-train --program X.pte --out DIR           train with that program in the stock runtime
 
 Every `prge train` option is a field of `prge.config.TrainConfig`; its help text lives there.
 Errors in the input print one line, `error: <problem> — <fix>`, and exit with status 2.
@@ -27,10 +29,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     from prge.config import fields
 
     for f in fields():
+        if only is not None and f.name not in only:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
@@ -89,12 +93,19 @@ def cmd_eval(args) -> int:
         cfg.model = adapter_base(args.adapter) or cfg.model
     # evaluation needs no gradients; without an adapter the LoRA B is zero, i.e. the plain model
     cfg = dataclasses.replace(cfg, method="prge", tune="lora-fa")
+    if cfg.task.strip().lower() == "all" and not cfg.train_file:
+        from prge.suite import eval_all
+
+        eval_all(cfg, args.adapter, args.split, args.json)
+        return 0
+    from prge.evaluate import describe
+
     s = prepare(cfg, adapter=args.adapter)
     result = {"model": cfg.model, "adapter": args.adapter, "data": s.data_name}
     for split in args.split:
         r = s.evaluate({"dev": s.dev, "test": s.test, "train": s.train}[split])
         result[split] = r
-        print(f"{split}: accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  (n={r['n']})")
+        print(f"{split}: {describe(r)}")
     if args.json:
         print(json.dumps(result))
     return 0
@@ -123,6 +134,55 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# options of `prge train` that shape an exported program or its data
+EXPORT_FIELDS = ("model", "task", "data_root", "train_file", "eval_file", "template", "label_words", "q", "batch_size",
+                 "loss", "rank", "alpha", "targets", "layers", "n_train", "n_dev", "max_length", "truncate", "seed",
+                 "threads")
+
+
+def cmd_export(args) -> int:
+    import dataclasses as dc
+    from pathlib import Path
+
+    from prge.export import export_program, write_dataset
+    from prge.train import log, prepare
+
+    cfg = dc.replace(build_config(args), method="prge", tune="lora-fa", dtype="float32")
+    s = prepare(cfg, adapter=args.adapter)
+    K = 1 if s.label_ids is not None else max(len(e.answer_ids) for e in s.train + s.dev)
+    out = Path(args.out)
+    if out.suffix != ".pte":
+        raise PrgeError(f"--out {out} should end in .pte", "pass e.g. --out sst2.pte")
+    log(f"prge export: {cfg.model}, {s.data_name}, q={cfg.q}, b={cfg.batch_size}, T={cfg.max_length}, K={K}, "
+        f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'} -> {out}")
+    manifest = export_program(s.model, s.tokenizer, s.label_ids, q=cfg.q, batch_size=cfg.batch_size,
+                              max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
+                              quantize=args.quantize, out_path=out, model_name=cfg.model,
+                              eval_batch_size=args.eval_batch_size, log=log)
+    data = out.with_suffix(".data.safetensors")
+    write_dataset(data, s, manifest)
+    print(f"program: {out} (+ {out.name}.json manifest, {out.name}.adapter.safetensors)\ndata: {data} "
+          f"({len(s.train)} train, {len(s.dev)} dev examples)\nnext: prge device-train --program {out} --out runs/device")
+    return 0
+
+
+def cmd_device_train(args) -> int:
+    from pathlib import Path
+
+    from prge.device import device_train
+
+    data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
+    if getattr(args, "native", False):
+        from prge.native import native_train
+
+        native_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
+                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize)
+        return 0
+    device_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
+                 eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, progress=args.progress)
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from prge.tasks import TASKS
 
@@ -142,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy of a model or adapter on a task or your data",
-                       description="Evaluate the base model, or a PEFT adapter on it (--adapter). Takes the data options of `prge train`.")
+                       description="Evaluate the base model, or a PEFT adapter on it (--adapter). Takes the data options of `prge train`; "
+                                   "--task all evaluates every built-in task and prints one table (tasks without data here are listed, not run).")
     e.add_argument("--adapter", help="adapter folder (e.g. runs/<run>/checkpoints/best); default: the plain model")
     e.add_argument("--split", nargs="+", default=["test"], choices=["dev", "test", "train"], help="splits to evaluate")
     e.add_argument("--json", action="store_true", help="also print the results as one JSON line")
@@ -156,6 +217,51 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load and save in")
     m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser(
+        "export", help="export the whole P-RGE step as an ExecuTorch program (+ the pre-tokenised data)",
+        description="Trace the model with MP-LoRA into one .pte whose train_step method rebuilds B, applies the last "
+                    "update, draws new noise, writes the 2q perturbed copies and returns the 2q losses, all inside "
+                    "the graph; the stock ExecuTorch runtime (XNNPACK) runs it. Shapes are fixed here: q, "
+                    "--batch-size and --max-length cannot change later. Also writes X.pte.json (the manifest), "
+                    "X.pte.adapter.safetensors (the frozen A matrices) and X.data.safetensors (train and dev "
+                    "examples tokenised and padded for this program). Takes the model and data options of `prge train`.")
+    x.add_argument("--out", required=True, help="the program file to write (X.pte)")
+    x.add_argument("--noise", default="counter", choices=["counter", "host", "engine"],
+                   help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
+                        "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
+                        "unseeded randn (NOT reproducible, cannot resume exactly)")
+    x.add_argument("--quantize", default=None, choices=["8da4w", "8da8w"],
+                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights); "
+                        "LoRA B stays float32. Use --eps 1e-2 or larger with it (default: float32 base)")
+    x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
+    x.add_argument("--adapter", help="start from this PEFT adapter (its A and B) instead of a fresh LoRA")
+    x.add_argument("--config", help="YAML file of options")
+    add_config_flags(x, only=EXPORT_FIELDS)
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser(
+        "device-train", help="train with an exported program in the stock ExecuTorch runtime",
+        description="The on-device loop: only executorch.runtime, torch tensors and the pre-tokenised data (no model "
+                    "code, no tokenizer). Per step the host picks the examples, calls train_step and computes "
+                    "g = (L+ - L-)/2eps from the 2q losses. Writes metrics.jsonl, checkpoints/{last,best}/, the "
+                    "final PEFT adapter in OUT/adapter and summary.json.")
+    d.add_argument("--program", required=True, help="the .pte written by `prge export`")
+    d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
+    d.add_argument("--out", required=True, help="run folder")
+    d.add_argument("--steps", type=int, default=100, help="training steps (total, also when resuming)")
+    d.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    d.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 with a quantised base)")
+    d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
+    d.add_argument("--eval-every", type=int, default=50, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
+    d.add_argument("--normalize", action="store_true",
+                   help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2)")
+    d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    d.add_argument("--native", action="store_true",
+                   help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
+                        "instead of the Python loop: same steps, losses, checkpoints and adapter")
+    d.set_defaults(func=cmd_device_train)
 
     ts = sub.add_parser("tasks", help="list the built-in tasks")
     ts.set_defaults(func=cmd_tasks)

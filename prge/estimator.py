@@ -37,35 +37,40 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def stream_keys(key: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys (shape (1,)) for one (tensor, query) stream from key = int64 tensor [seed, step].
+def stream_keys(key: torch.Tensor, streams: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys per (tensor, query) stream from key = int64 tensor [seed, step].
 
     key[0:1], not key[0]: ExecuTorch's edge passes promote 0-dim int32 tensors combined with Python
     ints to int64, which would break the 32-bit wrap-around; (1,)-shaped tensors stay int32.
     """
-    k = _mix32(key[0:1].to(torch.int32) * -1640531535 + stream)  # 0x9E3779B1
+    k = _mix32(key[0:1].to(torch.int32) * -1640531535 + streams)  # 0x9E3779B1
     k = _mix32(k + key[1:2].to(torch.int32) * -2048144789 + 0x632BE59B)  # 0x85EBCA6B
     return k, _mix32(k ^ 0x5BD1E995)
 
 
-def counter_normal(key: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise of `shape`, a pure function of (key, stream, element index).
+def counter_normal_streams(key: torch.Tensor, streams: list[int], n: int) -> torch.Tensor:
+    """(len(streams), n) standard normal noise, row s a pure function of (key, streams[s], index).
 
     Two hash rounds with the key entering each (so streams are not shifted copies of one sequence),
-    a 24-bit uniform in (0, 1), and Box–Muller using both the cosine and the sine half.
+    a 24-bit uniform in (0, 1), and Box–Muller using both the cosine and the sine half. All streams
+    of one size are drawn as one matrix: in an exported graph that is a few dozen nodes instead of a
+    few dozen per (layer, query), and XNNPACK lowering time grows with the node count.
     """
-    n = math.prod(shape)
     m = (n + 1) // 2
-    k1, k2 = stream_keys(key, stream)
-    x = torch.arange(2 * m, dtype=torch.int32, device=key.device) + k1
+    k1, k2 = stream_keys(key, torch.tensor(streams, dtype=torch.int32, device=key.device))
+    x = torch.arange(2 * m, dtype=torch.int32, device=key.device)[None, :] + k1[:, None]
     x = _mix32(x)
-    x ^= k2
+    x ^= k2[:, None]
     x = _mix32(x)
     u = ((x >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 16777216.0)
-    r = torch.log(u[:m]).mul_(-2.0).sqrt_()
-    a = u[m:] * (2.0 * math.pi)
-    z = torch.cat([r * torch.cos(a), r * torch.sin(a)])[:n]
-    return z.reshape(shape)
+    r = torch.log(u[:, :m]).mul_(-2.0).sqrt_()
+    a = u[:, m:] * (2.0 * math.pi)
+    return torch.cat([r * torch.cos(a), r * torch.sin(a)], dim=1)[:, :n]
+
+
+def counter_normal(key: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise of `shape` for one stream."""
+    return counter_normal_streams(key, [stream], math.prod(shape)).reshape(shape)
 
 
 def torch_normal(seed: int, step: int, stream: int, shape: tuple[int, ...], device=None) -> torch.Tensor:
@@ -74,16 +79,40 @@ def torch_normal(seed: int, step: int, stream: int, shape: tuple[int, ...], devi
 
 
 def noise(key: torch.Tensor, tensor_index: int, query: int, shape: tuple[int, ...], kind: str = "counter") -> torch.Tensor:
-    """z for (tensor j, query i) under key = [seed, step]."""
-    stream = tensor_index * 65537 + query
+    """z for (tensor j, query i) under key = [seed, step]: one query alone (MeZO regenerates it)."""
     if kind == "counter":
-        return counter_normal(key, stream, shape)
-    return torch_normal(int(key[0]), int(key[1]), stream, shape)
+        return counter_normal(key, stream(tensor_index, query), shape)
+    return torch_normal(int(key[0]), int(key[1]), stream(tensor_index, query), shape, key.device)
+
+
+def stream(tensor_index: int, query: int) -> int:
+    return tensor_index * 65537 + query
 
 
 def query_noise(key: torch.Tensor, tensor_index: int, q: int, shape: tuple[int, ...], kind: str = "counter") -> torch.Tensor:
     """(q, *shape): the noise of all q queries for one tensor."""
-    return torch.stack([noise(key, tensor_index, i, shape, kind) for i in range(q)])
+    if kind != "counter":
+        return torch.stack([noise(key, tensor_index, i, shape, kind) for i in range(q)])
+    streams = [stream(tensor_index, i) for i in range(q)]
+    return counter_normal_streams(key, streams, math.prod(shape)).reshape(q, *shape)
+
+
+def all_noise(key: torch.Tensor, q: int, shapes: list[tuple[int, ...]], kind: str = "counter") -> list[torch.Tensor]:
+    """[(q, *shape_j)]: the noise of all q queries for every trained tensor j, under key = [seed, step].
+
+    The eager P-RGE step and the exported step both call this; tensors of equal size share one draw.
+    """
+    if kind != "counter":
+        return [query_noise(key, j, q, s, kind) for j, s in enumerate(shapes)]
+    groups: dict[int, list[int]] = {}
+    for j, s in enumerate(shapes):
+        groups.setdefault(math.prod(s), []).append(j)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
+    for n, js in groups.items():
+        z = counter_normal_streams(key, [stream(j, i) for j in js for i in range(q)], n).reshape(len(js), q, n)
+        for t, j in enumerate(js):
+            out[j] = z[t].reshape(q, *shapes[j])
+    return out
 
 
 def perturbed(b: torch.Tensor, z: torch.Tensor, eps, signs: str = "+-") -> torch.Tensor:

@@ -8,7 +8,7 @@ copies of B) into one `.pte` with these methods, all sharing the program's mutab
         1. rebuild the clean B and the last step's noise from the copies: B = mean(B⁺ + B⁻)/2,
            z = (B⁺ − B⁻) / 2ε_prev                                        (estimator.rebuild)
         2. apply the pending update B ← B − lr · mean_i(g_i z_i)            (estimator.update)
-        3. draw new noise z' for step `key` = [seed, step]                   (estimator.query_noise)
+        3. draw new noise z' for step `key` = [seed, step]                   (estimator.all_noise)
         4. write B⁺ = B + εz', B⁻ = B − εz' into the copies, store ε         (estimator.perturbed)
         5. one batched forward of the batch repeated 2q times; returns the 2q per-copy losses
     read_state(g, lr) -> B (total,)      clean B of every layer with the pending update folded in,
@@ -57,55 +57,24 @@ import prge
 from prge import estimator as est
 from prge import io
 from prge.batch import Batch, Encoded, collate
+from prge.device import (DATA_FORMAT, FORMAT, FORMAT_VERSION, IDENTITY, check_manifest, load_manifest,  # noqa: F401 (re-exported)
+                         lora_a_path, manifest_path)
 from prge.errors import PrgeError
 from prge.lora import lora_layers, set_copies, use
 from prge.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
 
-FORMAT = "prge-engine-program"
-FORMAT_VERSION = 1
-DATA_FORMAT = "prge-engine-data"
 NOISE_MODES = ("counter", "host", "engine")
 QUANTIZE_MODES = (None, "8da4w", "8da8w")
 LOSSES = ("class", "lm")
 # buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
 # which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
 STATE_PATTERNS = ["copies", "eps_prev"]
-# fields that must agree between a program's manifest and the data (or model) fed to it, with the
-# export option that changes each
-IDENTITY = {
-    "model": "--model",
-    "vocab_size": "--model (the tokenizer)",
-    "vocab_sha256": "--model (the tokenizer)",
-    "pad_id": "--model (the tokenizer)",
-    "batch_size": "--batch-size",
-    "max_length": "--max-length",
-    "answer_slots": "--max-length / the data (answer tokens per example)",
-    "q": "--q",
-    "loss": "--loss",
-    "label_ids": "--task / --label-words",
-    "layers": "--rank / --targets / --layers",
-}
-
-
-def manifest_path(program_path: str | os.PathLike) -> Path:
-    return Path(str(program_path) + ".json")
-
-
-def lora_a_path(program_path: str | os.PathLike) -> Path:
-    return Path(str(program_path) + ".adapter.safetensors")
+METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
 
 
 def vocab_sha256(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def layer_table(model: nn.Module) -> list[dict]:
@@ -125,52 +94,6 @@ def model_meta(model: nn.Module, tokenizer, model_name: str | None = None) -> di
     if lora_layers(model):
         meta["layers"] = layer_table(model)
     return meta
-
-
-def check_manifest(manifest: dict, data_meta: dict) -> None:
-    """Refuse a program whose manifest disagrees with the data (or model) meant for it.
-
-    Compares every identity field present in both (model, tokenizer vocabulary, b, T, K, q, loss,
-    label ids, LoRA layers) and raises a PrgeError naming the first difference and the fix.
-    """
-    if manifest.get("format") != FORMAT:
-        raise PrgeError("not a prge program manifest", "export the program with `prge export`")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise PrgeError(f"the program was exported by a newer prge (manifest version {manifest.get('format_version')})",
-                        "upgrade prge or re-export the program with this version")
-    for key, flag in IDENTITY.items():
-        if key in manifest and key in data_meta and manifest[key] != data_meta[key]:
-            a, b = manifest[key], data_meta[key]
-            if key == "layers":
-                a = [(x["name"], tuple(x["shape"])) for x in a]
-                b = [(x["name"], tuple(x["shape"])) for x in b]
-                if a == b:
-                    continue
-                diff = next((f"{x} vs {y}" for x, y in zip(a, b) if x != y), f"{len(a)} vs {len(b)} layers")
-                a, b = f"LoRA layers differ ({diff})", ""
-            shown = f"{key}={_short(a)} in the program but {_short(b)} in the data/model" if key != "layers" else a
-            raise PrgeError(f"{manifest.get('program', 'the program')} does not match: {shown}",
-                            f"re-export the program for this data/model (prge export ... {flag}), "
-                            "or write the data for this program (prge export writes both)")
-
-
-def _short(x) -> str:
-    s = repr(x)
-    return s if len(s) <= 40 else s[:18] + "…" + s[-18:]
-
-
-def load_manifest(program_path: str | os.PathLike) -> dict:
-    path = manifest_path(program_path)
-    if not path.is_file():
-        raise PrgeError(f"{path} not found (every prge program has its manifest beside it)",
-                        "export the program with `prge export`, which writes both")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise PrgeError(f"{path} is not valid JSON ({e})", "re-export the program") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PrgeError(f"{path} is not a prge program manifest", "re-export the program with `prge export`")
-    return manifest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +131,7 @@ class StepProgram(nn.Module):
 
     def _noise(self, key: torch.Tensor, z: torch.Tensor | None) -> list[torch.Tensor]:
         if self.noise == "counter":
-            return [est.query_noise(key, j, self.q, s) for j, s in enumerate(self.shapes)]
+            return est.all_noise(key, self.q, self.shapes)
         if self.noise == "engine":
             return [torch.randn(self.q, *s) for s in self.shapes]
         sizes = [math.prod(s) for s in self.shapes]
@@ -277,21 +200,24 @@ def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, los
         return (torch.zeros(n, T, dtype=torch.long), torch.zeros(n, K, dtype=torch.long),
                 torch.zeros(n, K, dtype=torch.long), torch.ones(n, K), torch.zeros(n, dtype=torch.long))
 
-    scalar = torch.full((1,), 1e-3)
+    # distinct tensor objects for every input: torch.export treats one object passed twice as one input
+    def scalar():
+        return torch.full((1,), 1e-3)
+
     g = torch.zeros(q)
     key = torch.zeros(2, dtype=torch.long)
-    step = batch(b) + (scalar, scalar, g, key) + ((torch.zeros(q, total),) if noise == "host" else ())
+    step = batch(b) + (scalar(), scalar(), g, key) + ((torch.zeros(q, total),) if noise == "host" else ())
     inputs = {
         "train_step": step,
-        "read_state": (g, scalar),
+        "read_state": (torch.zeros(q), scalar()),
         "read_raw": (),
         "write_raw": (torch.ones(2 * q * total + 1),),
     }
     ev = batch(n_eval)
     if with_labels:
-        inputs["evaluate"] = (ev[0], ev[1][:, :1], g, scalar)
+        inputs["evaluate"] = (ev[0], ev[1][:, :1].clone(), torch.zeros(q), scalar())
     else:
-        inputs["evaluate"] = (ev[0], ev[1], ev[2], ev[3], g, scalar)
+        inputs["evaluate"] = (ev[0], ev[1], ev[2], ev[3], torch.zeros(q), scalar())
     inputs["forward_losses"] = batch(b)
     return inputs
 
@@ -366,25 +292,29 @@ def lower(programs: dict, xnnpack_methods: set[str]):
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     partitioner = {name: ([XnnpackPartitioner()] if name in xnnpack_methods else []) for name in programs}
-    edge = to_edge_transform_and_lower(programs, partitioner=partitioner, compile_config=_edge_compile_config())
-    et = edge.to_executorch(ExecutorchBackendConfig(
-        passes=[InitializedMutableBufferPass(STATE_PATTERNS)],
-        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-        emit_mutable_buffer_names=False,  # with names, read-only methods failed to load or re-initialised state
-    ))
-    return et.buffer
+    with warnings.catch_warnings():
+        # "Mutation on a buffer ... meaningless initial state": InitializedMutableBufferPass below sees to it
+        warnings.filterwarnings("ignore", message="Mutation on a buffer")
+        edge = to_edge_transform_and_lower(programs, partitioner=partitioner, compile_config=_edge_compile_config())
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass(STATE_PATTERNS)],
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=False,  # with names, read-only methods failed to load or re-initialised state
+        ))
+        return et.buffer
 
 
 def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size: int, max_length: int,
                    answer_slots: int = 1, loss: str = "class", noise: str = "counter", quantize: str | None = None,
                    out_path: str | os.PathLike, model_name: str, label_words: list[str] | None = None,
-                   eval_batch_size: int | None = None, forward_method: bool = False, log=None) -> dict:
+                   eval_batch_size: int | None = None, methods: tuple[str, ...] = METHODS, log=None) -> dict:
     """Export the P-RGE step of an MP-LoRA `model` as `out_path` (.pte) + manifest; returns the manifest.
 
     The model's LoRA copies are resized to 2q (`set_copies`) and start as the clean B. With
     `quantize`, a deep copy of the model gets a quantised base (the caller's model is untouched).
     `eval_batch_size` (default 2q·b, the rows of a training forward) is the evaluate method's N.
-    `forward_method` adds `forward_losses` (the plain batched forward, for benchmarks).
+    `methods` picks the methods to export (default: all the device loop needs); "forward_losses"
+    adds the plain batched forward over the copies (what benchmarks compare the step against).
     """
     log = log or (lambda msg: None)
     if noise not in NOISE_MODES:
@@ -401,6 +331,10 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     layers = lora_layers(model)
     if not layers:
         raise PrgeError("the model has no LoRA layers", "add them with prge.lora.add_lora first")
+    w = next(iter(layers.values())).base.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        raise PrgeError(f"the model is {w.dtype} on {w.device}; the exporter traces a float32 CPU model",
+                        "load it with dtype float32 on the CPU (use --quantize for a smaller base)")
     out_path = Path(out_path)
     set_copies(model, 2 * q)
     table = layer_table(model)
@@ -412,14 +346,15 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
 
     traced = model
     if quantize:
+        log(f"quantising the frozen base ({quantize}); train it with eps >= 1e-2 (activation quantisation noise)")
         traced = _quantize(copy.deepcopy(model), quantize)
     core = StepProgram(traced, label_ids, q, loss, noise).eval()
     inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels)
     eval_name = "evaluate_class" if with_labels else "evaluate_lm"
-    names = {"train_step": "train_step", "read_state": "read_state", "read_raw": "read_raw", "write_raw": "write_raw",
-             "evaluate": eval_name}
-    if forward_method:
-        names["forward_losses"] = "forward_losses"
+    unknown = set(methods) - set(METHODS) - {"forward_losses"}
+    if unknown:
+        raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + ('forward_losses',)}")
+    names = {m: (eval_name if m == "evaluate" else m) for m in methods}
     t0 = time.time()
     programs = {}
     with torch.no_grad():
@@ -485,14 +420,6 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
                                "cannot be resumed exactly, and do not match eager training")
     io.atomic_write_json(manifest_path(out_path), manifest)
     return manifest
-
-
-def check_eps(manifest: dict, eps: float) -> None:
-    """Warn when ε is too small for a quantised base (per-token activation quantisation adds noise
-    to L⁺ − L⁻: the estimate's correlation with fp32 was 0.98 at ε = 1e-3, 0.999 at ε = 1e-2)."""
-    if manifest.get("quantization") and eps < 1e-2:
-        warnings.warn(f"eps={eps} with a {manifest['quantization']} base: activation quantisation noise swamps "
-                      "L+ - L- at small eps; use eps >= 1e-2", stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------

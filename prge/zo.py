@@ -46,7 +46,7 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
               q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
     """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
     key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
-    zs = [est.query_noise(key, j, q, tuple(p.shape), noise) for j, p in enumerate(params)]
+    zs = est.all_noise(key, q, [tuple(p.shape) for p in params], noise)
     if mode == "dual":
         use(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)])
         losses = loss_fn(batch.repeat(2 * q), 2 * q)

@@ -1,0 +1,429 @@
+"""The whole P-RGE step inside ExecuTorch: parity with eager training, the device loop, resume,
+and refusals.
+
+One program is exported per test session (XNNPACK lowering takes about a minute on 2 cores) from
+a tiny 2-layer Llama with LoRA on all 7 projections, q = 2, b = 2, T = 24, on SST-2 rows. Its B
+starts random and nonzero, so the initial state serialised into the .pte is checked too (a zero
+B would pass whether or not it was serialised).
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from prge import estimator as est  # noqa: E402
+from prge.batch import Encoded, collate, step_indices  # noqa: E402
+from prge.config import TrainConfig  # noqa: E402
+from prge.device import Engine, device_train, final_b, load_manifest, read_dataset  # noqa: E402
+from prge.errors import PrgeError  # noqa: E402
+from prge.evaluate import evaluate  # noqa: E402
+from prge.export import check_manifest, export_program, model_meta, write_dataset  # noqa: E402
+from prge.lora import add_lora, lora_layers, trainable_b, use  # noqa: E402
+from prge.loss import copy_losses, label_scores  # noqa: E402
+from prge.testing import save_tiny, tiny_model  # noqa: E402
+from prge.train import prepare  # noqa: E402
+from prge.zo import prge_step  # noqa: E402
+
+Q, B, T, SEED, EPS, LR = 2, 2, 24, 0, 1e-2, 2e-2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randomize_b(model, seed=1, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.copy_(scale * torch.randn(m.lora_B.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def prog(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    cfg = TrainConfig(model=save_tiny(root / "model"), task="sst2", n_train=12, n_dev=10, n_test=4, q=Q,
+                      batch_size=B, max_length=T, rank=4, alpha=8.0, seed=SEED, eps=EPS, lr=LR, progress=False)
+    s = prepare(cfg)
+    randomize_b(s.model)
+    eager = copy.deepcopy(s.model)  # the reference; export resizes the copies of s.model only
+    path = root / "tiny.pte"
+    manifest = export_program(s.model, s.tokenizer, s.label_ids, q=Q, batch_size=B, max_length=T, loss="class",
+                              out_path=path, model_name=cfg.model, label_words=[" great", " terrible"])
+    data = root / "tiny.data.safetensors"
+    write_dataset(data, s, manifest)
+    return {"root": root, "cfg": cfg, "setup": s, "eager": eager, "path": path, "data": data, "manifest": manifest}
+
+
+def fresh_eager(prog):
+    model = copy.deepcopy(prog["eager"])
+    return model, trainable_b(model)
+
+
+def flat(bs):
+    return torch.cat([b.reshape(-1) for b in bs])
+
+
+def test_manifest_describes_the_program(prog):
+    m = load_manifest(prog["path"])
+    assert m == prog["manifest"]
+    assert (m["q"], m["batch_size"], m["max_length"], m["answer_slots"], m["copies"]) == (Q, B, T, 1, 2 * Q)
+    assert m["noise"] == "counter" and m["reproducible"] and m["loss"] == "class"
+    assert [x["name"] for x in m["layers"]] == list(lora_layers(prog["eager"]))
+    assert set(m["methods"]) == {"train_step", "read_state", "read_raw", "write_raw", "evaluate"}
+    assert m["label_ids"] == prog["setup"].label_ids.tolist() and m["rank"] == 4
+    assert os.path.getsize(prog["path"]) == m["program_bytes"]
+
+
+def test_open_loop_parity_with_eager(prog):
+    """The same g sequence into the eager step (the estimator's functions on a copy of the model)
+    and into the engine: the same losses per step and the same B at the end."""
+    s = prog["setup"]
+    model, params = fresh_eager(prog)
+    engine = Engine(prog["path"], prog["manifest"])
+    # the initial B was serialised into the program (InitializedMutableBufferPass)
+    b0 = engine("read_state", torch.zeros(Q), torch.tensor([LR]))[0]
+    assert torch.equal(b0, flat(params))
+    tensors, _ = read_dataset(prog["data"])
+    gs = [torch.tensor([0.8, -0.5]), torch.tensor([-1.2, 0.3]), torch.tensor([0.4, 0.9])]
+    g_prev, worst = torch.zeros(Q), 0.0
+    for step, g in enumerate(gs, start=1):
+        idx = step_indices(len(s.train), B, SEED, step)
+        batch = collate([s.train[i] for i in idx], s.pad_id, T, 1)
+        key = torch.tensor([SEED, step])
+        zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
+        with torch.no_grad():
+            use(model, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
+            eager_losses = copy_losses(model, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
+            use(model, None)
+            for p, z in zip(params, zs):
+                p.copy_(est.update(p, z, g, LR))
+        losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), g_prev, key)[0]
+        worst = max(worst, float((losses - eager_losses).abs().max()))
+        g_prev = g
+    b = engine("read_state", g_prev, torch.tensor([LR]))[0]
+    b_err = float((b - flat(params)).abs().max())
+    print(f"open-loop parity: max |loss diff| {worst:.2e}, max |B diff| {b_err:.2e}")
+    assert worst < 1e-5
+    assert b_err < 1e-6
+    # evaluation uses the clean B with the pending update folded in
+    ev = collate(s.dev[:8], s.pad_id, T, 1)
+    n = prog["manifest"]["eval_batch_size"]
+    ids = torch.cat([ev.input_ids, ev.input_ids[:1].repeat(n - 8, 1)])
+    pos = torch.cat([ev.target_pos, ev.target_pos[:1].repeat(n - 8, 1)])
+    scores = engine("evaluate", ids, pos, g_prev, torch.tensor([LR]))[0][:8]
+    with torch.no_grad():
+        ref = label_scores(model, ev, s.label_ids)
+    assert float((scores - ref).abs().max()) < 1e-5
+
+
+def test_host_noise_is_the_estimators():
+    """Noise mode "host" draws exactly estimator.query_noise, in manifest layer order; the engine's
+    batched counter noise (one hash chain per tensor size) is the same numbers too."""
+    from prge.device import host_noise
+    from prge.estimator import all_noise as batched_noise
+
+    shapes = [[64, 4], [32, 4], [32, 4], [128, 4], [5, 3]]
+    off, layers = 0, []
+    for i, s in enumerate(shapes):
+        layers.append({"name": f"l{i}", "shape": s, "offset": off})
+        off += s[0] * s[1]
+    key = torch.tensor([5, 17])
+    z = host_noise({"q": 3, "layers": layers}, key)
+    ref = [est.query_noise(key, j, 3, tuple(s)) for j, s in enumerate(shapes)]
+    assert torch.equal(z, torch.cat([r.reshape(3, -1) for r in ref], 1))
+    assert all(torch.equal(a, b) for a, b in zip(batched_noise(key, 3, [tuple(s) for s in shapes]), ref))
+
+
+def eager_run(prog, steps, eval_every):
+    """The eager trainer's loop (prge_step, same seed, data order and evaluation) from the same B."""
+    s = prog["setup"]
+    model, params = fresh_eager(prog)
+
+    def loss_fn(batch, copies):
+        return copy_losses(model, batch, copies, s.label_ids, "class")
+
+    losses, accs = [], {}
+    for step in range(1, steps + 1):
+        batch = collate([s.train[i] for i in step_indices(len(s.train), B, SEED, step)], s.pad_id)
+        r = prge_step(model, params, loss_fn, batch, step, seed=SEED, q=Q, eps=EPS, lr=LR)
+        losses.append(float(r.losses.mean()))
+        if step % eval_every == 0 or step == steps:
+            accs[step] = evaluate(model, s.dev, s.pad_id, s.label_ids, 32, "class")["accuracy"]
+    return losses, accs, flat(params)
+
+
+def rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def device_run(prog):
+    out = prog["root"] / "run_full"
+    summary = device_train(prog["path"], prog["data"], out, steps=6, lr=LR, eps=EPS, seed=SEED, eval_every=3, progress=False)
+    return out, summary
+
+
+def test_closed_loop_matches_the_eager_trainer(prog, device_run):
+    out, summary = device_run
+    losses, accs, b_eager = eager_run(prog, 6, 3)
+    r = rows(out)
+    d_losses = [x["loss"] for x in r if "loss" in x and "split" not in x]
+    d_accs = {x["step"]: x["accuracy"] for x in r if x.get("split") == "dev" and x["step"] > 0}
+    assert len(d_losses) == 6
+    assert max(abs(a - b) for a, b in zip(losses, d_losses)) < 1e-5
+    assert d_accs == accs
+    names = [x["name"] for x in prog["manifest"]["layers"]]
+    b_dev = final_b(out)
+    assert float((flat([b_dev[n] for n in names]) - b_eager).abs().max()) < 1e-5
+    assert summary["dev_after"] == accs[6]
+
+
+def test_adapter_is_peft_format_and_loads(prog, device_run):
+    from prge.adapters import load_adapter
+
+    out, _ = device_run
+    folder = out / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    model, _ = tiny_model("llama")
+    load_adapter(model, folder)
+    eager = prog["eager"]
+    for name, m in lora_layers(model).items():
+        assert torch.equal(m.lora_A, lora_layers(eager)[name].lora_A)
+    assert (out / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_is_bit_exact(prog, device_run):
+    out_full, _ = device_run
+    out = prog["root"] / "run_resumed"
+    kw = dict(steps=6, lr=LR, eps=EPS, seed=SEED, eval_every=3, progress=False)
+    assert device_train(prog["path"], prog["data"], out, stop_after=4, **kw)["stopped_at"] == 4
+    device_train(prog["path"], prog["data"], out, resume=True, **kw)
+    a, b = final_b(out_full), final_b(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x for x in rows(out) if "split" not in x] != []
+    assert [x["loss"] for x in rows(out) if "split" not in x] == [x["loss"] for x in rows(out_full) if "split" not in x]
+    with pytest.raises(PrgeError, match="seed"):
+        device_train(prog["path"], prog["data"], out, resume=True, **{**kw, "seed": 1})
+
+
+def test_nan_loss_names_the_step_and_keeps_the_checkpoint(prog):
+    out = prog["root"] / "run_nan"
+    with pytest.raises(PrgeError, match=r"non-finite loss at step \d+"):
+        device_train(prog["path"], prog["data"], out, steps=8, lr=1e37, eps=EPS, seed=SEED, eval_every=1, progress=False)
+    state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
+    raw = read_state_file(out / "checkpoints" / "last")
+    assert torch.isfinite(raw).all() and state["step"] >= 1
+
+
+def read_state_file(folder):
+    from prge.io import load_tensors
+
+    return load_tensors(folder / "state.safetensors")["raw"]
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+
+
+def copy_program(prog, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".json", ".adapter.safetensors"):
+        shutil.copy(str(prog["path"]) + suffix, str(dest / "tiny.pte") + suffix)
+    return dest / "tiny.pte"
+
+
+@pytest.mark.parametrize("field,value", [("max_length", 32), ("q", 4), ("batch_size", 4), ("loss", "lm")])
+def test_data_for_another_program_is_refused(prog, tmp_path, field, value):
+    other = {**prog["manifest"], field: value}
+    data = tmp_path / "other.safetensors"
+    write_dataset(data, prog["setup"], other)
+    with pytest.raises(PrgeError, match=f"{field}.*re-export"):
+        device_train(prog["path"], data, tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+
+
+def test_sequence_longer_than_the_program_is_refused(prog, tmp_path):
+    s = prog["setup"]
+    long = Encoded(list(range(3, 3 + T + 5)), [s.label_ids[0].item()], 0)
+    with pytest.raises(PrgeError, match="larger --max-length"):
+        write_dataset(tmp_path / "d.safetensors", {"train": s.train + [long], "dev": s.dev}, prog["manifest"])
+
+
+def test_truncated_program_is_refused(prog, tmp_path):
+    path = copy_program(prog, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PrgeError, match="truncated"):
+        device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+    # same size, damaged contents: the runtime's refusal becomes a PrgeError too
+    path.write_bytes(b"\0" * len(data))
+    with pytest.raises(PrgeError, match="cannot load"):
+        device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+
+
+def test_corrupt_checkpoint_is_refused(prog, tmp_path, device_run):
+    out = tmp_path / "run"
+    shutil.copytree(device_run[0], out)
+    state = out / "checkpoints" / "last" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(PrgeError, match="state.safetensors"):
+        device_train(prog["path"], prog["data"], out, steps=8, lr=LR, eps=EPS, resume=True, progress=False)
+    (out / "checkpoints" / "last" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(PrgeError, match="damaged"):
+        device_train(prog["path"], prog["data"], out, steps=8, lr=LR, eps=EPS, resume=True, progress=False)
+
+
+def test_manifest_model_mismatch_is_refused(prog):
+    s, m = prog["setup"], prog["manifest"]
+    check_manifest(m, model_meta(prog["eager"], s.tokenizer, m["model"]))  # the right model passes
+    other, tok = tiny_model("llama")
+    add_lora(other, rank=8, alpha=16)
+    with pytest.raises(PrgeError, match="LoRA layers differ"):
+        check_manifest(m, model_meta(other, tok))
+    with pytest.raises(PrgeError, match="model is"):
+        check_manifest(m, {"model": "smollm2-135m"})
+    with pytest.raises(PrgeError, match="vocab_sha256"):
+        check_manifest(m, {"vocab_sha256": "0" * 64})
+
+
+def test_device_train_imports_no_model_code(prog, tmp_path):
+    code = f"""
+import sys
+from prge.device import device_train
+device_train({str(prog['path'])!r}, {str(prog['data'])!r}, {str(tmp_path / 'run')!r}, steps=2, lr={LR}, eps={EPS},
+             eval_every=1, progress=False)
+bad = [m for m in ("transformers", "prge.models", "prge.lora", "prge.loss", "prge.train", "prge.export", "prge.zo")
+       if m in sys.modules]
+print("BAD", bad)
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "BAD []" in r.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_device_train(prog, tmp_path):
+    from prge.cli import main
+
+    out = tmp_path / "run"
+    assert main(["device-train", "--program", str(prog["path"]), "--data", str(prog["data"]), "--out", str(out),
+                 "--steps", "2", "--lr", str(LR), "--eps", str(EPS), "--eval-every", "0", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert main(["device-train", "--program", str(tmp_path / "missing.pte"), "--data", str(prog["data"]),
+                 "--out", str(out), "--steps", "1"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the other program variants: one more export each (40-90 s), so marked slow (pytest -m slow)
+
+
+def small_setup(tmp_path, **kw):
+    cfg = TrainConfig(model=save_tiny(tmp_path / "model"), task="sst2", n_train=8, n_dev=8, n_test=4, q=Q,
+                      batch_size=B, max_length=16, rank=4, alpha=8.0, seed=SEED, progress=False, **kw)
+    s = prepare(cfg)
+    randomize_b(s.model)
+    return s, copy.deepcopy(s.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise", ["host", "engine"])
+def test_noise_modes(tmp_path, noise):
+    s, eager = small_setup(tmp_path)
+    params = trainable_b(eager)
+    m = export_program(s.model, s.tokenizer, s.label_ids, q=Q, batch_size=B, max_length=16, noise=noise,
+                       out_path=tmp_path / "p.pte", model_name="tiny", methods=("train_step", "read_state", "read_raw"))
+    assert m["reproducible"] == (noise != "engine")
+    engine = Engine(tmp_path / "p.pte", m)
+    from prge.device import host_noise
+
+    g_prev = torch.zeros(Q)
+    for step, g in enumerate([torch.tensor([0.5, -0.3]), torch.tensor([0.2, 0.9])], start=1):
+        batch = collate(s.train[2 * step - 2:2 * step], s.pad_id, 16, 1)
+        key = torch.tensor([SEED, step])
+        extra = [host_noise(m, key)] if noise == "host" else []
+        losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), g_prev, key, *extra)[0]
+        raw = engine("read_raw")[0]
+        # the copies hold B ± εz for this step's z: rebuild both and check the update on the host
+        zs, off = [], 0
+        for p in params:
+            n = 2 * Q * p.numel()
+            b, z = est.rebuild(raw[off:off + n].reshape(2 * Q, *p.shape), EPS)
+            zs.append(z)
+            if noise == "host":
+                assert float((z - est.query_noise(key, len(zs) - 1, Q, tuple(p.shape))).abs().max()) < 1e-3
+            assert float((b - p).abs().max()) < 1e-6  # the clean B the eager side holds
+            off += n
+        with torch.no_grad():
+            use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
+            ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
+            use(eager, None)
+            for p, z in zip(params, zs):
+                p.copy_(est.update(p, z, g, LR))
+        assert float((losses - ref).abs().max()) < 1e-5
+        g_prev = g
+    b = engine("read_state", g_prev, torch.tensor([LR]))[0]
+    assert float((b - flat(params)).abs().max()) < 1e-6
+
+
+@pytest.mark.slow
+def test_quantized_base(tmp_path):
+    s, eager = small_setup(tmp_path)
+    m = export_program(s.model, s.tokenizer, s.label_ids, q=Q, batch_size=B, max_length=16, quantize="8da4w",
+                       out_path=tmp_path / "p.pte", model_name="tiny", methods=("train_step", "read_state"))
+    assert m["quantization"] == "8da4w"
+    assert all(type(x.base.weight) is torch.nn.Parameter for x in lora_layers(s.model).values())  # caller's model untouched
+    engine = Engine(tmp_path / "p.pte", m)
+    batch = collate(s.train[:2], s.pad_id, 16, 1)
+    key = torch.tensor([SEED, 1])
+    losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), torch.zeros(Q), key)[0]
+    params = trainable_b(eager)
+    zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
+    with torch.no_grad():
+        use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
+        ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
+    assert torch.isfinite(losses).all()
+    assert float((losses - ref).abs().max()) < 0.05  # int4 weights: close, not equal
+    b = engine("read_state", torch.zeros(Q), torch.tensor([LR]))[0]
+    assert float((b - flat(params)).abs().max()) < 1e-6  # B stays float32
+
+
+@pytest.mark.slow
+def test_lm_loss_program(tmp_path):
+    """Completions (loss "lm", several answer tokens): the step's losses and evaluate's per-example
+    answer CE and correct tokens match eager."""
+    from prge.batch import Example, encode
+
+    model, tok = tiny_model("llama")
+    add_lora(model, rank=4, alpha=8.0)
+    randomize_b(model)
+    eager = copy.deepcopy(model)
+    exs = [Example(f"Question {i}: the capital of France is", " Paris. The dog was happy.") for i in range(4)]
+    items = encode(exs, tok, 24)
+    K = max(len(e.answer_ids) for e in items)
+    m = export_program(model, tok, None, q=Q, batch_size=B, max_length=24, answer_slots=K, loss="lm",
+                       out_path=tmp_path / "p.pte", model_name="tiny")
+    engine = Engine(tmp_path / "p.pte", m)
+    batch = collate(items[:2], tok.pad_token_id, 24, K)
+    key = torch.tensor([SEED, 1])
+    losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), torch.zeros(Q), key)[0]
+    params = trainable_b(eager)
+    zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
+    with torch.no_grad():
+        use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
+        ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, None, "lm")
+        use(eager, None)
+    assert float((losses - ref).abs().max()) < 1e-5
+    n = m["eval_batch_size"]
+    ev = collate((items * n)[:n], tok.pad_token_id, 24, K)
+    ce, correct = engine("evaluate", *ev.tensors()[:4], torch.zeros(Q), torch.tensor([LR]))
+    ref_eval = evaluate(eager, items, tok.pad_token_id, None, 32, "lm")
+    tokens = float(ev.target_mask[:4].sum())
+    assert abs(float(ce[:4].sum()) / tokens - ref_eval["loss"]) < 1e-4
+    assert abs(float(correct[:4].sum()) / tokens - ref_eval["accuracy"]) < 1e-6
