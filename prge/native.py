@@ -1,0 +1,212 @@
+"""The native (C++) device trainer: build it, feed it, run it, turn its B into PEFT adapters.
+
+`native/prge_native_train.cpp` is `prge.device.device_train` written in C++ against the ExecuTorch
+runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
+`find_package(executorch)` in `<executorch package>/share/cmake`). This module:
+
+    build()              configures and builds it with cmake into ~/.cache/prge/native/<key>
+                         (key: a hash of the sources and the executorch version; reused if present)
+    write_plan(...)      the step plan: the example indices of every step, which `batch.step_indices`
+                         draws with Python's seeded shuffles (the C++ side does not reimplement them)
+    native_train(...)    writes the plan, runs the binary, writes the adapters and summary.json:
+                         the same run folder as `device_train`
+
+Plan file (safetensors; the wrapper writes it to a temporary folder): `indices` int32 (steps, b), row s-1 = the train-example indices of step s;
+`seed` int64 (1,). The binary refuses a plan for another seed, b or data size, or one shorter than
+--steps. The data file is `prge.export.write_dataset`'s; the program must have noise "counter".
+
+The binary writes, besides metrics.jsonl and checkpoints/{last,best}/{state.safetensors,
+trainer_state.json} (the same files and fields as device_train, so either loop resumes the other's
+checkpoints), `b.safetensors` {b (total,)} in each checkpoint, `final_b.safetensors` {b, g} and
+`native.json` (seconds, mean step seconds, peak RSS). `native_train` turns every b.safetensors into
+the PEFT adapter folder beside it with `device.write_adapter`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import prge
+from prge import io
+from prge.batch import step_indices
+from prge.device import (check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset,
+                         write_adapter)
+from prge.errors import PrgeError
+
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "native"
+BINARY = "prge-native-train"
+
+
+def executorch_cmake_dir() -> Path:
+    """`<executorch package>/share/cmake`, where the wheel's `executorch-config.cmake` lives."""
+    try:
+        import executorch
+    except ImportError:
+        raise PrgeError("the executorch package is not installed", "pip install executorch") from None
+    for root in list(getattr(executorch, "__path__", [])):
+        d = Path(root) / "share" / "cmake"
+        if (d / "executorch-config.cmake").is_file():
+            return d
+    raise PrgeError("the installed executorch package has no share/cmake/executorch-config.cmake",
+                    "install an executorch wheel that ships its C++ runtime (1.5 or later)")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PRGE_CACHE", Path.home() / ".cache" / "prge")) / "native"
+
+
+def build_command(build_dir: str | os.PathLike, jobs: int = 2) -> list[list[str]]:
+    cm = executorch_cmake_dir()
+    return [["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", f"-Dexecutorch_DIR={cm}"],
+            ["cmake", "--build", str(build_dir), f"-j{jobs}"]]
+
+
+def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool = False, log=None) -> Path:
+    """Build the binary (if not built already for these sources and this executorch); its path."""
+    log = log or (lambda m: None)
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise PrgeError(f"{tool} not found: the native trainer is built with cmake and a C++17 compiler",
+                            "install them (Debian: apt-get install cmake g++)")
+    if build_dir is None:
+        h = hashlib.sha256()
+        for f in sorted(SOURCE_DIR.glob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+        h.update(str(executorch_cmake_dir()).encode())
+        try:
+            from importlib.metadata import version
+
+            h.update(version("executorch").encode())
+        except Exception:
+            pass
+        build_dir = _cache_root() / h.hexdigest()[:16]
+    build_dir = Path(build_dir)
+    exe = build_dir / BINARY
+    if exe.is_file() and not force:
+        return exe
+    t0 = time.time()
+    for cmd in build_command(build_dir, jobs):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+            raise PrgeError(f"building the native trainer failed ({' '.join(cmd[:2])} ...):\n{tail}",
+                            "check the toolchain (g++ >= 9, cmake >= 3.19) and the executorch install")
+    log(f"built {exe} in {time.time() - t0:.0f} s")
+    return exe
+
+
+def write_plan(path: str | os.PathLike, n_train: int, batch_size: int, seed: int, steps: int) -> Path:
+    """The example indices of steps 1..steps (`batch.step_indices`), as the binary reads them."""
+    rows = [step_indices(n_train, batch_size, seed, s) for s in range(1, steps + 1)]
+    idx = torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
+    io.save_tensors(path, {"indices": idx, "seed": torch.tensor([seed], dtype=torch.int64)},
+                    metadata={"format": "pt", "prge": json.dumps({"format": "prge-native-plan", "n_train": n_train})})
+    return Path(path)
+
+
+def _b_to_adapter(folder: Path, manifest: dict, lora_a: dict) -> None:
+    bfile = folder / "b.safetensors"
+    if bfile.is_file():
+        b = io.load_tensors(bfile)["b"]
+        write_adapter(folder / "adapter", manifest, lora_a, b)
+
+
+def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
+                 normalize: bool = False, stop_after: int | None = None, binary: str | os.PathLike | None = None,
+                 threads: int | None = None, log=None) -> dict:
+    """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    program_path, out_dir = Path(program_path), Path(out_dir)
+    manifest = load_manifest(program_path)
+    tensors, meta = read_dataset(data_path)
+    check_manifest(manifest, meta)
+    check_data_shapes(tensors, manifest, data_path)
+    if manifest.get("noise") != "counter":
+        raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
+                        "re-export with --noise counter, or train without --native")
+    exe = Path(binary) if binary else build(log=log)
+    n_train = tensors["train_input_ids"].shape[0]
+    # the plan goes to a temporary folder (it is cheap to rebuild and the same on resume), so a run the
+    # binary refuses leaves nothing in out_dir
+    tmp = tempfile.TemporaryDirectory(prefix="prge-plan-")
+    plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps)
+    cmd = [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
+           "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
+           "--eval-every", str(eval_every)]
+    cmd += ["--normalize"] if normalize else []
+    cmd += ["--resume"] if resume else []
+    cmd += ["--stop-after", str(stop_after)] if stop_after else []
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    try:
+        r = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    finally:
+        tmp.cleanup()
+    if r.returncode != 0:
+        msg = [line for line in r.stderr.splitlines() if "error:" in line]
+        raise PrgeError(msg[-1].split("error:", 1)[1].strip() if msg else f"the native trainer failed (exit {r.returncode})",
+                        "see the message; the run folder keeps its last good checkpoint")
+    for line in r.stderr.splitlines():
+        if not re.match(r"^I \d\d:\d\d:", line):  # the runtime's info logging
+            log(line)
+    lora_a = io.load_tensors(lora_a_path(program_path))
+    ckpts = out_dir / "checkpoints"
+    for name in ("best", "last"):
+        _b_to_adapter(ckpts / name, manifest, lora_a)
+    info = json.loads((out_dir / "native.json").read_text())
+    if info.get("stopped"):
+        return {"stopped_at": info["ran_to"], "run_dir": str(out_dir), **info}
+    final = io.load_tensors(out_dir / "final_b.safetensors")
+    write_adapter(out_dir / "adapter", manifest, lora_a, final["b"])
+    summary = {"program": str(program_path), "model": manifest["model"], "steps": steps, "q": manifest["q"],
+               "batch_size": manifest["batch_size"], "noise": manifest["noise"], "minutes": info["seconds"] / 60,
+               "dev_before": info["dev_before"], "dev_after": info["dev_after"], "best_dev": info["best_dev"],
+               "best_step": info["best_step"], "adapter": str(out_dir / "adapter"),
+               "best_adapter": str(ckpts / "best" / "adapter"), "native": True, "step_seconds": info["step_seconds"],
+               "peak_rss_mb": info["peak_rss_mb"], "prge_version": prge.__version__}
+    io.atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def final_b_flat(out_dir: str | os.PathLike) -> torch.Tensor:
+    """The flat clean B a finished native run wrote."""
+    return io.load_tensors(Path(out_dir) / "final_b.safetensors")["b"]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m prge.native", description="build the native P-RGE trainer")
+    p.add_argument("command", choices=["build", "cmake-dir", "build-command"])
+    p.add_argument("--build-dir")
+    p.add_argument("--force", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "cmake-dir":
+            print(executorch_cmake_dir())
+        elif a.command == "build-command":
+            print(" && ".join(" ".join(c) for c in build_command(a.build_dir or "native/build")))
+        else:
+            print(build(a.build_dir, force=a.force, log=lambda m: print(m, file=sys.stderr)))
+    except PrgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
