@@ -39,6 +39,11 @@ class Example:
     label: int = -1  # class index into the task's label words for classification, else -1
     source: str = ""  # "file:line" for error messages
     add_eos: bool = True  # completions end with EOS; chat answers already end with the template's end of turn
+    # multiple choice: every option as (prompt, continuation), the gold one at index `label`; prompt/answer
+    # above are the gold option (what training learns). Options may differ in the continuation (COPA, ARC)
+    # or in the prompt (WinoGrande: the option fills the blank, the rest of the sentence is scored).
+    choices: list[tuple[str, str]] | None = None
+    gold: list[str] | None = None  # generation: every accepted answer text (SQuAD), for F1 / exact match
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Encoded:
     prompt_ids: list[int]
     answer_ids: list[int]
     label: int = -1
+    choices: list["Encoded"] | None = None  # multiple choice: each option's prompt + continuation ids
+    gold: list[str] | None = None  # generation: the accepted answers
 
 
 @dataclass
@@ -89,10 +96,11 @@ def continuation_ids(tokenizer, prompt: str, answer: str) -> list[int]:
 
 
 def label_word_ids(tokenizer, words: list[str]) -> list[int]:
-    """One token id per label word (scored with its leading space, e.g. " great")."""
+    """One token id per label word (scored with its leading space, e.g. " great"; a word without one,
+    like WiC's "Yes", follows a newline and is scored as it splits there)."""
     ids = []
     for w in words:
-        t = continuation_ids(tokenizer, "It was", w)
+        t = continuation_ids(tokenizer, "It was" if w.startswith(" ") else "It was\n", w)
         if len(t) != 1:
             pieces = tokenizer.convert_ids_to_tokens(t)
             raise PrgeError(
@@ -115,35 +123,49 @@ def encode(
     """Tokenize examples. With `label_ids`, the answer is the label word's single token."""
     if not examples:
         raise PrgeError("the dataset is empty", "check the data file or the task's split sizes")
-    bos = tokenizer.bos_token_id
     out = []
     for ex in examples:
-        # add_special_tokens=True gives BOS where the model expects one (Llama-2, Gemma), none for SmolLM2
-        # (a chat-rendered prompt that already starts with the BOS text gets no second one)
-        has_bos = bool(tokenizer.bos_token) and ex.prompt.startswith(tokenizer.bos_token)
-        prompt = tokenizer(ex.prompt, add_special_tokens=not has_bos)["input_ids"]
         if label_ids is not None:
             if not 0 <= ex.label < len(label_ids):
                 raise PrgeError(f"{ex.source or 'example'}: label {ex.label} is out of range for {len(label_ids)} label words",
                                 "fix the label or the task's label words")
-            answer = [label_ids[ex.label]]
-        else:
-            answer = continuation_ids(tokenizer, ex.prompt, ex.answer)
-            if ex.add_eos and tokenizer.eos_token_id is not None and not ex.answer.endswith(tokenizer.eos_token):
-                answer = answer + [tokenizer.eos_token_id]
-        if not answer:
-            raise PrgeError(f"{ex.source or 'example'}: the answer is empty", "every row needs a non-empty completion or label")
-        excess = len(prompt) + len(answer) - max_length
-        if excess > 0:
-            keep_bos = 1 if (bos is not None and prompt and prompt[0] == bos) else 0
-            if truncate == "error" or len(prompt) - keep_bos - excess < 1:
-                raise PrgeError(
-                    f"{ex.source or 'example'}: {len(prompt) + len(answer)} tokens, longer than max_length={max_length}",
-                    "raise --max-length, shorten the row, or use --truncate left",
-                )
-            prompt = prompt[:keep_bos] + prompt[keep_bos + excess:]
-        out.append(Encoded(prompt, answer, ex.label))
+            out.append(_encode_one(tokenizer, ex.prompt, None, [label_ids[ex.label]], ex, max_length, truncate))
+            continue
+        item = _encode_one(tokenizer, ex.prompt, ex.answer, None, ex, max_length, truncate)
+        if ex.choices is not None:
+            if not 0 <= ex.label < len(ex.choices):
+                raise PrgeError(f"{ex.source or 'example'}: gold option {ex.label} is out of range for {len(ex.choices)} options",
+                                "fix the row's answer")
+            item.choices = [_encode_one(tokenizer, p, a, None, ex, max_length, truncate) for p, a in ex.choices]
+        item.gold = ex.gold
+        out.append(item)
     return out
+
+
+def _encode_one(tokenizer, prompt_text: str, answer_text: str | None, answer: list[int] | None, ex: Example,
+                max_length: int, truncate: str) -> Encoded:
+    """Token ids of one prompt + answer (the given ids, or `answer_text` as it splits after the prompt)."""
+    bos = tokenizer.bos_token_id
+    # add_special_tokens=True gives BOS where the model expects one (Llama-2, Gemma), none for SmolLM2
+    # (a chat-rendered prompt that already starts with the BOS text gets no second one)
+    has_bos = bool(tokenizer.bos_token) and prompt_text.startswith(tokenizer.bos_token)
+    prompt = tokenizer(prompt_text, add_special_tokens=not has_bos)["input_ids"]
+    if answer is None:
+        answer = continuation_ids(tokenizer, prompt_text, answer_text)
+        if ex.add_eos and tokenizer.eos_token_id is not None and not answer_text.endswith(tokenizer.eos_token):
+            answer = answer + [tokenizer.eos_token_id]
+    if not answer:
+        raise PrgeError(f"{ex.source or 'example'}: the answer is empty", "every row needs a non-empty completion or label")
+    excess = len(prompt) + len(answer) - max_length
+    if excess > 0:
+        keep_bos = 1 if (bos is not None and prompt and prompt[0] == bos) else 0
+        if truncate == "error" or len(prompt) - keep_bos - excess < 1:
+            raise PrgeError(
+                f"{ex.source or 'example'}: {len(prompt) + len(answer)} tokens, longer than max_length={max_length}",
+                "raise --max-length, shorten the row, or use --truncate left",
+            )
+        prompt = prompt[:keep_bos] + prompt[keep_bos + excess:]
+    return Encoded(prompt, answer, ex.label)
 
 
 def collate(items: list[Encoded], pad_id: int, length: int | None = None, answer_slots: int | None = None) -> Batch:

@@ -29,7 +29,7 @@ def opt(default, help: str, choices=None):
 class TrainConfig:
     # what to train
     model: str = opt("smollm2-135m", "built-in name (smollm2-135m), a local model folder, or a Hugging Face hub id")
-    task: str = opt("sst2", "built-in task (see `prge tasks`), ignored when --train-file is given")
+    task: str = opt("sst2", "built-in task (see `prge tasks`; `prge eval` also takes `all`), ignored when --train-file is given")
     data_root: str | None = opt(None, "folder holding the task data (default: $PRGE_DATA, else ../shared/data)")
     train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
     eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
@@ -54,8 +54,8 @@ class TrainConfig:
     targets: list[str] | None = opt(None, "module names to wrap (default: q,k,v,o,gate,up,down projections, or the family's equivalents)")
     layers: list[int] | None = opt(None, "only wrap modules in these decoder layers (default: all)")
     # data shape
-    n_train: int = opt(1000, "training examples sampled (seeded) from the task's train split")
-    n_dev: int = opt(500, "held-out dev examples used for periodic evaluation and best-checkpoint selection")
+    n_train: int | None = opt(None, "training examples sampled (seeded) from the task's train pool (default: 1000, or fewer where the task has fewer; see the README's task table)")
+    n_dev: int | None = opt(None, "held-out dev examples used for periodic evaluation and best-checkpoint selection (default: 500, or what the task has left)")
     n_test: int | None = opt(None, "cap on test examples (default: the whole test split)")
     max_length: int = opt(256, "longest prompt+answer in tokens")
     truncate: str = opt("left", "over-long prompts: left = drop tokens from the prompt's start; error = refuse", ["left", "error"])

