@@ -312,17 +312,6 @@ def load_checkpoint(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
     return raw, g, state
 
 
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        io.atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -378,7 +367,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         start = saved.pop("step")
         state.update({k: saved[k] for k in ("best_accuracy", "best_step", "before", "seconds") if k in saved})
         engine("write_raw", raw)
-        _truncate_metrics(metrics, start)
+        io.truncate_metrics(metrics, start)
         log(f"resumed from {ckpts / 'last'} at step {start}")
     else:
         g, start = torch.zeros(q), 0
@@ -386,7 +375,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         if has_dev:
             ev = evaluate(engine, tensors, g, lr)
             state["before"], state["best_accuracy"] = ev["accuracy"], ev["accuracy"]
-            _append(metrics, {"step": 0, "split": "dev", **ev})
+            io.append_jsonl(metrics, {"step": 0, "split": "dev", **ev})
             log(f"before training: dev accuracy {ev['accuracy']:.4f} (n={ev['n']})")
         save_checkpoint(ckpts / "best", engine, lora_a, 0, g, state)
 
@@ -413,13 +402,13 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                             "lower --lr or --eps and resume, or start again")
         g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
         loss = float(losses.mean())
-        _append(metrics, {"step": step, "loss": loss, "g_abs": float(g.abs().mean()), "seconds": time.time() - t})
+        io.append_jsonl(metrics, {"step": step, "loss": loss, "g_abs": float(g.abs().mean()), "seconds": time.time() - t})
         if eval_every and step % eval_every == 0 or step == steps:
             state["seconds"] = time.time() - t_loop
             if has_dev:
                 ev = evaluate(engine, tensors, g, lr)
                 last_acc = ev["accuracy"]
-                _append(metrics, {"step": step, "split": "dev", **ev})
+                io.append_jsonl(metrics, {"step": step, "split": "dev", **ev})
                 if ev["accuracy"] > state["best_accuracy"]:
                     state["best_accuracy"], state["best_step"] = ev["accuracy"], step
                     save_checkpoint(ckpts / "best", engine, lora_a, step, g, state)

@@ -158,3 +158,43 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
         return load_file(str(path), device=device)
     except SafetensorError as e:
         raise PrgeError(f"{path} is not a readable safetensors file ({e})", "write it again") from e
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; a bad line names file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
+                       else "fix the line; each line must be one complete JSON object")
+                raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
+            if not isinstance(obj, dict):
+                raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
+                                "write one JSON object per line (JSON Lines)")
+            rows.append((lineno, obj))
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One metrics row (appending a line is atomic enough: a torn last line is dropped on resume)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows after `step` (a resumed run writes them again), atomically."""
+    path = Path(path)
+    if path.is_file():
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                if line.strip() and json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line torn by a kill mid-write
+        atomic_write_text(path, "".join(r + "\n" for r in rows))

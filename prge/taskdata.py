@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from prge import io
 from prge.errors import PrgeError
 
 T = TypeVar("T")
@@ -91,20 +92,7 @@ def local_file(root: Path, rel: str) -> Path:
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """("file:line", row) for each non-empty line; a line that is not a JSON object is an error."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrgeError(f"{path}:{lineno}: not valid JSON ({e.msg})", "fix or remove the malformed line") from None
-            if not isinstance(row, dict):
-                raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}",
-                                "fix or remove the malformed line")
-            rows.append((f"{path}:{lineno}", row))
-    return rows
+    return [(f"{path}:{n}", row) for n, row in io.read_jsonl(path)]
 
 
 def field(row: dict, name: str, where: str, kinds: tuple[type, ...] = (str,)):

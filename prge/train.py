@@ -213,18 +213,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after `step` (a resumed run rewrites them), atomically."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        io.atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
 def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Train as configured; returns the summary. `stop_after` ends early after that step (tests use it
     to simulate an interrupted run)."""
@@ -248,7 +236,7 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         state = load_checkpoint(s, resume_ckpt, optimizer)
         start = state.pop("step")
         state.pop("config", None)
-        truncate_metrics(metrics, start)
+        io.truncate_metrics(metrics, start)
         log(f"resumed from {resume_ckpt} at step {start}")
     else:
         metrics.unlink(missing_ok=True)
@@ -257,7 +245,7 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         dev0 = s.evaluate(s.dev) if s.dev is not s.test else before
         state["before"] = before["accuracy"]
         state["best_accuracy"], state["best_step"] = dev0["accuracy"], 0
-        append_metrics(metrics, {"step": 0, "split": "dev", **dev0})
+        io.append_jsonl(metrics, {"step": 0, "split": "dev", **dev0})
         log(f"before training: test accuracy {before['accuracy']:.4f} (n={before['n']}), dev {dev0['accuracy']:.4f} "
             f"[{time.time() - t0:.0f} s]")
         save_checkpoint(s, ckpts / "best", 0, state, optimizer)
@@ -270,11 +258,11 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         t = time.time()
         batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id).to(cfg.device)
         loss, g_abs = one_step(s, batch, step, optimizer)
-        append_metrics(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
+        io.append_jsonl(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
             ev = s.evaluate(s.dev)
             last_acc = ev["accuracy"]
-            append_metrics(metrics, {"step": step, "split": "dev", **ev})
+            io.append_jsonl(metrics, {"step": step, "split": "dev", **ev})
             state["seconds"] = time.time() - t_loop
             if ev["accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"], state["best_step"] = ev["accuracy"], step

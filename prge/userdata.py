@@ -30,35 +30,16 @@ train is the remaining rows in file order.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from prge.batch import Example
 from prge.errors import PrgeError
+from prge.io import read_jsonl
 from prge.tasks import seeded_sample
 
 FORMATS = ("completion", "chat", "classification")
 _FIELDS = {"completion": ("prompt", "completion"), "chat": ("messages",), "classification": ("text", "label")}
 _FORMAT_HELP = 'use {"prompt", "completion"}, {"messages"} or {"text", "label"} keys'
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
-                       else "fix the line; each line must be one complete JSON object")
-                raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
-            if not isinstance(obj, dict):
-                raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
-                                "write one JSON object per line (JSON Lines)")
-            rows.append((lineno, obj))
-    return rows
 
 
 def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
@@ -85,7 +66,7 @@ def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if suffix in (".csv", ".tsv"):
         return _read_table(path, "," if suffix == ".csv" else "\t")
     raise PrgeError(f"{path}: unknown file type {suffix or '(no extension)'!r}", "use a .jsonl, .json, .csv or .tsv file")

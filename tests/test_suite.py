@@ -423,7 +423,7 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     row = {"word": "class", "sentence1": "A class.", "sentence2": "Real class.", "label": False}
     (wic / "train.jsonl").write_text(json.dumps(row) + "\n\n" + '{"word": "x", "sentence1": \n')
     (wic / "val.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(PrgeError, match=rf"{wic / 'train.jsonl'}:3: not valid JSON"):
+    with pytest.raises(PrgeError, match=rf"{wic / 'train.jsonl'}:3: invalid JSON"):
         load_task("wic", data_root=tmp_path)
     (wic / "train.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": "maybe"}) + "\n")
     with pytest.raises(PrgeError, match=rf"{wic / 'train.jsonl'}:2: unknown label 'maybe'"):
