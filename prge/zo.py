@@ -42,11 +42,10 @@ def check_finite(losses: torch.Tensor, step: int) -> None:
 
 
 @torch.no_grad()
-def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
-              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
-    """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
-    key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
-    zs = est.all_noise(key, q, [tuple(p.shape) for p in params], noise)
+def perturbed_losses(model, params: list[torch.Tensor], zs: list[torch.Tensor], loss_fn: LossFn, batch: Batch,
+                     eps: float, mode: str = "dual") -> torch.Tensor:
+    """(2q,) losses L⁺_1..q then L⁻_1..q of the MP-LoRA model at B ± εz, in one (dual) or two (single) forwards."""
+    q = zs[0].shape[0]
     if mode == "dual":
         use(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)])
         losses = loss_fn(batch.repeat(2 * q), 2 * q)
@@ -59,10 +58,26 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
     else:
         raise PrgeError(f"unknown P-RGE mode {mode!r}", "use --mode dual or --mode single")
     use(model, None)
-    check_finite(losses, step)
-    g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
+    return losses
+
+
+@torch.no_grad()
+def apply_update(params: list[torch.Tensor], zs: list[torch.Tensor], g: torch.Tensor, lr: float) -> None:
+    """B ← B − lr · mean_i g_i z_i for every trained tensor, in place."""
     for p, z in zip(params, zs):
         p.copy_(est.update(p, z, g, lr))
+
+
+@torch.no_grad()
+def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
+              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
+    """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
+    key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
+    zs = est.all_noise(key, q, [tuple(p.shape) for p in params], noise)
+    losses = perturbed_losses(model, params, zs, loss_fn, batch, eps, mode)
+    check_finite(losses, step)
+    g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
+    apply_update(params, zs, g, lr)
     return ZOStep(losses, g)
 
 

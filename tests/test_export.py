@@ -27,11 +27,11 @@ from prge.device import Engine, device_train, final_b, load_manifest, read_datas
 from prge.errors import PrgeError  # noqa: E402
 from prge.evaluate import evaluate  # noqa: E402
 from prge.export import check_manifest, export_program, model_meta, write_dataset  # noqa: E402
-from prge.lora import add_lora, lora_layers, trainable_b, use  # noqa: E402
+from prge.lora import add_lora, lora_layers, trainable_b  # noqa: E402
 from prge.loss import copy_losses, label_scores  # noqa: E402
 from prge.testing import save_tiny, tiny_model  # noqa: E402
 from prge.train import prepare  # noqa: E402
-from prge.zo import prge_step  # noqa: E402
+from prge.zo import apply_update, perturbed_losses, prge_step  # noqa: E402
 
 Q, B, T, SEED, EPS, LR = 2, 2, 24, 0, 1e-2, 2e-2
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,10 @@ def prog(tmp_path_factory):
 def fresh_eager(prog):
     model = copy.deepcopy(prog["eager"])
     return model, trainable_b(model)
+
+
+def class_loss(model, label_ids):
+    return lambda batch, copies: copy_losses(model, batch, copies, label_ids, "class")
 
 
 def flat(bs):
@@ -97,12 +101,8 @@ def test_open_loop_parity_with_eager(prog):
         batch = collate([s.train[i] for i in idx], s.pad_id, T, 1)
         key = torch.tensor([SEED, step])
         zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
-        with torch.no_grad():
-            use(model, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
-            eager_losses = copy_losses(model, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
-            use(model, None)
-            for p, z in zip(params, zs):
-                p.copy_(est.update(p, z, g, LR))
+        eager_losses = perturbed_losses(model, params, zs, class_loss(model, s.label_ids), batch, EPS)
+        apply_update(params, zs, g, LR)
         losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), g_prev, key)[0]
         worst = max(worst, float((losses - eager_losses).abs().max()))
         g_prev = g
@@ -360,12 +360,8 @@ def test_noise_modes(tmp_path, noise):
                 assert float((z - est.query_noise(key, len(zs) - 1, Q, tuple(p.shape))).abs().max()) < 1e-3
             assert float((b - p).abs().max()) < 1e-6  # the clean B the eager side holds
             off += n
-        with torch.no_grad():
-            use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
-            ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
-            use(eager, None)
-            for p, z in zip(params, zs):
-                p.copy_(est.update(p, z, g, LR))
+        ref = perturbed_losses(eager, params, zs, class_loss(eager, s.label_ids), batch, EPS)
+        apply_update(params, zs, g, LR)
         assert float((losses - ref).abs().max()) < 1e-5
         g_prev = g
     b = engine("read_state", g_prev, torch.tensor([LR]))[0]
@@ -385,9 +381,7 @@ def test_quantized_base(tmp_path):
     losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), torch.zeros(Q), key)[0]
     params = trainable_b(eager)
     zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
-    with torch.no_grad():
-        use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
-        ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, s.label_ids, "class")
+    ref = perturbed_losses(eager, params, zs, class_loss(eager, s.label_ids), batch, EPS)
     assert torch.isfinite(losses).all()
     assert float((losses - ref).abs().max()) < 0.05  # int4 weights: close, not equal
     b = engine("read_state", torch.zeros(Q), torch.tensor([LR]))[0]
@@ -415,10 +409,7 @@ def test_lm_loss_program(tmp_path):
     losses = engine("train_step", *batch.tensors(), torch.tensor([LR]), torch.tensor([EPS]), torch.zeros(Q), key)[0]
     params = trainable_b(eager)
     zs = [est.query_noise(key, j, Q, tuple(p.shape)) for j, p in enumerate(params)]
-    with torch.no_grad():
-        use(eager, [est.perturbed(p, z, EPS, "+-") for p, z in zip(params, zs)])
-        ref = copy_losses(eager, batch.repeat(2 * Q), 2 * Q, None, "lm")
-        use(eager, None)
+    ref = perturbed_losses(eager, params, zs, lambda b, c: copy_losses(eager, b, c, None, "lm"), batch, EPS)
     assert float((losses - ref).abs().max()) < 1e-5
     n = m["eval_batch_size"]
     ev = collate((items * n)[:n], tok.pad_token_id, 24, K)
