@@ -2,14 +2,17 @@
 
 Usage: python benchmarks/sst2_probe.py OUT.jsonl 'rank=1 lr=1e-2' 'rank=4 lr=3e-3 normalize=true' ...
 Each argument is one run: `key=value` overrides of prge.config.TrainConfig (values parsed as YAML).
-Common settings are the defaults of `prge train` plus `--base 'key=value ...'`. Selection uses the dev
+Common settings are the defaults of `prge train` plus `--base 'key=value ...'` (and --template /
+--label-words, which may contain spaces). Selection uses the dev
 split only; the test split is evaluated once at the start and end of each run, as `prge train` does.
 Appends one JSON line per run (the run's summary, its overrides and its dev curve) to OUT.jsonl.
 """
 
 import argparse
+import hashlib
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -28,12 +31,26 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("runs", nargs="+")
     p.add_argument("--base", default="", help="settings common to every run")
+    p.add_argument("--template", help="prompt template for the task (\\n = newline)")
+    p.add_argument("--label-words", nargs="+")
+    p.add_argument("--runs-dir", default="runs/probe")
     args = p.parse_args()
+    common = overrides(args.base)
+    if args.template:
+        common["template"] = args.template.replace("\\n", "\n")
+    if args.label_words:
+        common["label_words"] = args.label_words
     for spec in args.runs:
-        kw = {**overrides(args.base), **overrides(spec)}
-        run_dir = Path("runs") / "probe" / "_".join(f"{k}-{v}" for k, v in kw.items()).replace("/", "")
+        kw = {**common, **overrides(spec)}
+        tag = hashlib.sha1(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9._=-]+", "", "_".join(f"{k}-{v}" for k, v in overrides(spec).items()))
+        run_dir = Path(args.runs_dir) / f"{slug}-{tag}"
+        if (run_dir / "summary.json").is_file():
+            print(spec, "done already:", run_dir, flush=True)
+            continue
+        resume = str(run_dir) if (run_dir / "checkpoints" / "last").is_dir() else None  # killed earlier: continue it exactly
         t = time.time()
-        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False}))
+        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume}))
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curve = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "dev"]
         with open(args.out, "a") as f:

@@ -44,6 +44,7 @@ class Example:
     # or in the prompt (WinoGrande: the option fills the blank, the rest of the sentence is scored).
     choices: list[tuple[str, str]] | None = None
     gold: list[str] | None = None  # generation: every accepted answer text (SQuAD), for F1 / exact match
+    fields: dict[str, str] | None = None  # classification tasks: the row's text fields, so --template can re-fill the prompt
 
 
 @dataclass

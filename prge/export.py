@@ -147,7 +147,7 @@ class StepProgram(nn.Module):
 
     def forward_losses(self, input_ids, target_pos, target_ids, target_mask, label):
         """The same batched forward over the 2q copies as train_step, without the ZO arithmetic
-        (what `benchmarks/engine_step.py` compares the step against)."""
+        (what `benchmarks/speed.py` compares the step against)."""
         return self._copy_losses(Batch(input_ids, target_pos, target_ids, target_mask, label), "copies")
 
     def _copy_losses(self, batch: Batch, which) -> torch.Tensor:

@@ -40,7 +40,11 @@ Kinds and what is learned / scored:
 
 The templates (from the paper's reference code where it has one):
 
-- `sst2`: `{sentence} It was` + " terrible" (0) / " great" (1). Train pool `sst2/train.tsv` (60,614
+- `sst2`: `Review: {sentence}\\nSentiment:` + " negative" (0) / " positive" (1). Not the paper's
+  `{sentence} It was` + " terrible"/" great": on SmolLM2-135M that prompt scores 53% zero-shot on the
+  dev split (the model says " great" 98% of the time) against 78% for this one, the best of the
+  candidates screened by `benchmarks/prompts.py` (README, "Making zeroth-order converge"); the
+  paper's stays one flag away: `--template "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
   rows, GLUE train incl. phrase-level rows, 90%), dev pool `sst2/dev.tsv` (6,735, the other 10%),
   test `sst2/test.tsv` (the 872-row labelled GLUE dev set). Sentences are GLUE's lower-cased,
   tokenized text ("it 's a charming ... journey ."); only surrounding whitespace is stripped, the
@@ -58,7 +62,9 @@ tokenizer splits the answer after the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import random
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -245,8 +251,9 @@ def _fill(template: str, **fields: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # SST-2
 
-SST2_TEMPLATE = "{sentence} It was"
-SST2_WORDS = [" terrible", " great"]
+SST2_TEMPLATE = "Review: {sentence}\nSentiment:"
+SST2_WORDS = [" negative", " positive"]
+PAPER_SST2_TEMPLATE, PAPER_SST2_WORDS = "{sentence} It was", [" terrible", " great"]  # MeZO's / the paper's
 
 
 def _sst2_rows(path: Path) -> list[Example]:
@@ -256,7 +263,8 @@ def _sst2_rows(path: Path) -> list[Example]:
         sentence = sentence.strip()
         if not sentence:
             raise PrgeError(f"{path}:{lineno}: empty sentence", "fix or remove the row")
-        out.append(Example(_fill(SST2_TEMPLATE, sentence=sentence), SST2_WORDS[y], y, f"{path}:{lineno}"))
+        out.append(Example(_fill(SST2_TEMPLATE, sentence=sentence), SST2_WORDS[y], y, f"{path}:{lineno}",
+                           fields={"sentence": sentence}))
     return out
 
 
@@ -280,8 +288,8 @@ def _rte_rows(path: Path, header: bool) -> list[Example]:
     out = []
     for lineno, (_, premise, hypothesis, label) in _read_tsv(path, RTE_COLUMNS, header=header):
         y = _label(path, lineno, label, {"entailment": 0, "not_entailment": 1})
-        prompt = _fill(RTE_TEMPLATE, premise=premise.strip(), hypothesis=hypothesis.strip())
-        out.append(Example(prompt, RTE_WORDS[y], y, f"{path}:{lineno}"))
+        fields = {"premise": premise.strip(), "hypothesis": hypothesis.strip()}
+        out.append(Example(_fill(RTE_TEMPLATE, **fields), RTE_WORDS[y], y, f"{path}:{lineno}", fields=fields))
     return out
 
 
@@ -335,7 +343,7 @@ def _glue_tsv(root: Path, task: str, columns: list[str], keys: list[str]) -> dic
 
 
 def _classify(template: str, words: list[str], label: int, where: str, **fields: str) -> Example:
-    return Example(_fill(template, **fields), words[label], label, where)
+    return Example(_fill(template, **fields), words[label], label, where, fields=dict(fields))
 
 
 def _text(row: dict, name: str, where: str) -> str:
@@ -688,6 +696,24 @@ TASKS: dict[str, Task] = {
              WNLI_TEMPLATE, load_glue("wnli"), NO_YES),
     ]
 }
+
+
+def retemplate(examples: list[Example], template: str, task: str) -> list[Example]:
+    """The examples with their prompts re-filled from `template` (--template for a built-in classification task).
+
+    The template names the task's fields in braces, e.g. "Review: {sentence}\\nSentiment:" for SST-2."""
+    if not examples:
+        return examples
+    if examples[0].fields is None:
+        raise PrgeError(f"task {task} does not take a --template (only classification tasks do)",
+                        "drop --template, or train on your own file with --train-file")
+    names = set(re.findall(r"{(\w+)}", template))
+    known = set(examples[0].fields)
+    if not names or not names <= known:
+        raise PrgeError(f"--template {template!r} for task {task} must use only the task's fields {sorted(known)}"
+                        + (f"; unknown: {sorted(names - known)}" if names - known else ""),
+                        "write the fields in braces, e.g. " + " ".join("{" + k + "}" for k in sorted(known)))
+    return [dataclasses.replace(x, prompt=_fill(template, **x.fields)) for x in examples]
 
 
 def get_task(name: str) -> Task:

@@ -83,6 +83,10 @@ def load_data(cfg: TrainConfig, tokenizer):
     from prge.tasks import load_task
 
     data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
+    if cfg.template:
+        from prge.tasks import retemplate
+
+        data.train, data.dev, data.test = (retemplate(x, cfg.template, data.task.name) for x in (data.train, data.dev, data.test))
     words = data.task.label_words or None
     if cfg.label_words and words:
         if len(cfg.label_words) != len(words):

@@ -28,12 +28,12 @@ def by_source(examples):
 def test_sst2_known_rows(sst2):
     test = by_source(sst2.test)
     first = test[f"{DATA / 'sst2' / 'test.tsv'}:2"]
-    assert first.prompt == "it 's a charming and often affecting journey . It was"
-    assert (first.answer, first.label) == (" great", 1)
+    assert first.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert (first.answer, first.label) == (" positive", 1)
     second = test[f"{DATA / 'sst2' / 'test.tsv'}:3"]
-    assert second.prompt == "unflinchingly bleak and desperate It was"
-    assert (second.answer, second.label) == (" terrible", 0)
-    assert sst2.task.label_words == [" terrible", " great"]
+    assert second.prompt == "Review: unflinchingly bleak and desperate\nSentiment:"
+    assert (second.answer, second.label) == (" negative", 0)
+    assert sst2.task.label_words == [" negative", " positive"]
     assert all(not e.prompt.endswith(" ") and e.answer == sst2.task.label_words[e.label] for e in sst2.train + sst2.dev + sst2.test)
 
 
@@ -151,3 +151,41 @@ def test_malformed_rows_name_file_and_line(tmp_path):
     (rte / "dev.tsv").write_text(header + "0\tp\th\tentailment\n")
     with pytest.raises(PrgeError, match=r"rte_glue/val\.tsv:2: unknown label 'maybe'"):
         load_task("rte", data_root=tmp_path / "rte")
+
+
+def test_template_override_refills_built_in_prompts(sst2, rte):
+    from prge.tasks import PAPER_SST2_TEMPLATE, retemplate
+
+    paper = retemplate(sst2.test[:2], PAPER_SST2_TEMPLATE, "sst2")
+    assert paper[0].prompt == "it 's a charming and often affecting journey . It was"
+    assert [x.label for x in paper] == [x.label for x in sst2.test[:2]]
+    pair = retemplate(rte.test[:1], "{hypothesis} / {premise}", "rte")[0]
+    assert pair.prompt == f"{rte.test[0].fields['hypothesis']} / {rte.test[0].fields['premise']}"
+
+
+@pytest.mark.parametrize("template,match", [("{review} It was", "unknown: \\['review'\\]"), ("It was", "only the task's fields")])
+def test_template_override_errors_name_the_fields(sst2, template, match):
+    from prge.tasks import retemplate
+
+    with pytest.raises(PrgeError, match=match) as e:
+        retemplate(sst2.test[:1], template, "sst2")
+    assert "{sentence}" in e.value.fix
+
+
+def test_template_override_refused_for_multiple_choice():
+    from prge.batch import Example
+    from prge.tasks import retemplate
+
+    with pytest.raises(PrgeError, match="only classification tasks"):
+        retemplate([Example("p", " a", 0, "x", choices=[("p", " a"), ("p", " b")])], "{x}", "copa")
+
+
+def test_train_config_template_and_words_give_the_papers_sst2():
+    from prge.config import TrainConfig
+    from prge.train import load_data
+
+    cfg = TrainConfig(task="sst2", data_root=str(DATA), template="{sentence} It was", label_words=["terrible", "great"],
+                      n_train=4, n_dev=2, n_test=2)
+    name, kind, train, dev, test, words = load_data(cfg, tokenizer=None)
+    assert words == [" terrible", " great"]
+    assert all(x.prompt.endswith(" It was") and "Review:" not in x.prompt for x in train + dev + test)

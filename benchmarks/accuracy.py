@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Accuracy tables: zero-shot, backprop LoRA-FA (Adam), MeZO q = 1, P-RGE q = 4 and q = 16, and P-RGE
+inside the engine, on SmolLM2-135M (issue 6, part 3).
+
+    python benchmarks/accuracy.py run --table main           # SST-2 and RTE, seeds 0 1 2
+    python benchmarks/accuracy.py run --table suite          # BoolQ, WiC, COPA, WinoGrande, SQuAD; seed 0
+    python benchmarks/accuracy.py run --table main --shard 0/2 &   # two processes, one per core
+    python benchmarks/accuracy.py run --table main --shard 1/2 &
+    python benchmarks/accuracy.py run --table engine         # the engine run beside its eager twin (slow: lowering)
+    python benchmarks/accuracy.py render                     # the tables from benchmarks/results/accuracy.jsonl
+
+Every cell is one `prge train` run (`prge export` + `prge device-train` + `prge eval` for the engine)
+in runs/accuracy/<table>/<task>-<method>-s<seed>/. A finished cell is skipped; a cell killed half-way
+resumes from its last checkpoint exactly (prge's resume is bit-exact), so the command can be rerun
+across sessions until the table is full. Cells run in the order of the list below (all methods of
+seed 0 first), so a partial table is still a side-by-side comparison.
+
+Equal budgets: every zeroth-order method does 2·q·b = 32 row-forwards per step (MeZO q = 1 with b = 16,
+P-RGE q = 4 with b = 4, P-RGE q = 16 with b = 1) and the same number of steps, so the same number of
+forward passes. Backprop runs `FO_STEPS` Adam steps of batch 16. Zero-shot is the test accuracy every
+run measures before its first step (it does not depend on the seed: the test split is fixed and B = 0).
+
+Reported: "final" = test accuracy of the last step's adapter; "best" = test accuracy of the
+checkpoint with the best dev accuracy (selection on dev, never on test). The paper's "best-seen" is
+the best of periodic test evaluations, which selects on test and reads higher; we do not report that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
+RUNS = ROOT / "runs" / "accuracy"
+
+ZO_STEPS = 300  # every zeroth-order cell (9,600 row-forwards); equal forward passes across ZO methods
+FO_STEPS = 100  # backprop LoRA-FA with Adam, batch 16
+COMMON = {"model": "smollm2-135m", "eval_every": 100, "threads": 1, "progress": False}
+
+# The zeroth-order settings are `prge train`'s defaults (the part-2 sweep's winner, see the README);
+# only q and b change between the ZO methods.
+METHODS = {
+    "fo": {"method": "fo", "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "steps": FO_STEPS},
+    "mezo-q1": {"method": "mezo", "q": 1, "batch_size": 16, "steps": ZO_STEPS},
+    "prge-q4": {"method": "prge", "q": 4, "batch_size": 4, "steps": ZO_STEPS},
+    "prge-q16": {"method": "prge", "q": 16, "batch_size": 1, "steps": ZO_STEPS},
+}
+TABLES = {
+    "main": {"tasks": ["sst2", "rte"], "seeds": [0, 1, 2], "methods": ["prge-q4", "mezo-q1", "fo", "prge-q16"]},
+    "suite": {"tasks": ["boolq", "wic", "copa", "winogrande", "squad"], "seeds": [0], "methods": ["fo", "prge-q4"]},
+    "engine": {"tasks": ["sst2"], "seeds": [0], "methods": ["engine-q4"]},
+}
+ENGINE_MAX_LENGTH = 128  # the program's static sequence length (SST-2 prompts here are < 100 tokens)
+
+
+def cells(table: str) -> list[tuple[str, str, int]]:
+    t = TABLES[table]
+    return [(task, m, seed) for seed in t["seeds"] for task in t["tasks"] for m in t["methods"]]
+
+
+def prge_cli(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(COMMON["threads"]), "TRANSFORMERS_VERBOSITY": "error"}
+    r = subprocess.run([sys.executable, "-m", "prge.cli", *args], cwd=ROOT, env=env)
+    if r.returncode:
+        raise SystemExit(f"prge {' '.join(args)} failed (exit {r.returncode})")
+
+
+def run_cell(table: str, task: str, method: str, seed: int, data_root: str | None) -> dict:
+    from prge.config import TrainConfig
+    from prge.train import run
+
+    out = RUNS / table / f"{task}-{method}-s{seed}"
+    if method == "engine-q4":
+        return run_engine(out, task, seed, data_root)
+    if (out / "summary.json").is_file():  # finished, its row not yet recorded (or the folder was copied in)
+        return {**json.loads((out / "summary.json").read_text()), "run_dir": str(out.relative_to(ROOT))}
+    resume = str(out) if (out / "checkpoints" / "last").is_dir() else None
+    cfg = TrainConfig(**{**COMMON, **METHODS[method], "task": task, "seed": seed, "data_root": data_root,
+                         "out": str(out), "resume": resume})
+    t = time.time()
+    summary = run(cfg)
+    return {**summary, "wall_minutes": (time.time() - t) / 60, "run_dir": str(out.relative_to(ROOT))}
+
+
+def run_engine(out: Path, task: str, seed: int, data_root: str | None) -> dict:
+    """export (T = ENGINE_MAX_LENGTH) -> device-train -> eager `prge eval` of its adapters on the test split."""
+    m = {**METHODS["prge-q4"]}
+    out.mkdir(parents=True, exist_ok=True)
+    pte = out / "program.pte"
+    common = ["--task", task, "--seed", str(seed), "--threads", str(COMMON["threads"])] + (["--data-root", data_root] if data_root else [])
+    t = time.time()
+    if not pte.is_file():
+        prge_cli("export", *common, "--q", str(m["q"]), "--batch-size", str(m["batch_size"]),
+                 "--max-length", str(ENGINE_MAX_LENGTH), "--out", str(pte))
+    export_min = (time.time() - t) / 60
+    train = out / "train"
+    resume = ["--resume"] if (train / "checkpoints" / "last").is_dir() else []
+    prge_cli("device-train", "--program", str(pte), "--out", str(train), "--steps", str(m["steps"]), "--seed", str(seed),
+             "--eval-every", str(COMMON["eval_every"]), "--no-progress", *resume)
+    summary = json.loads((train / "summary.json").read_text())
+    acc = {}
+    for which, adapter in (("last", summary["adapter"]), ("best", summary["best_adapter"])):
+        r = subprocess.run([sys.executable, "-m", "prge.cli", "eval", *common, "--adapter", adapter, "--split", "test", "--json"],
+                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if r.returncode or not line:
+            raise SystemExit(f"prge eval of {adapter} failed:\n{r.stderr[-2000:]}")
+        acc[which] = json.loads(line[-1])
+    pick = lambda d: d.get("test", d).get("accuracy") if isinstance(d.get("test", d), dict) else None  # noqa: E731
+    return {"task": task, "method": "prge", "steps": summary["steps"], "minutes": summary["minutes"],
+            "export_minutes": export_min, "test_after_last": pick(acc["last"]), "test_after_best": pick(acc["best"]),
+            "best_dev": summary["best_dev"], "best_step": summary["best_step"], "test_before": None,
+            "wall_minutes": (time.time() - t) / 60, "run_dir": str(out.relative_to(ROOT))}
+
+
+def cmd_run(args) -> None:
+    todo = cells(args.table)
+    k, n = (int(x) for x in args.shard.split("/"))
+    todo = todo[k::n]
+    done = {(r["table"], r["task"], r["cell_method"], r["seed"]) for r in read_rows()}
+    for task, method, seed in todo:
+        if (args.table, task, method, seed) in done:
+            continue
+        print(f"[accuracy] {args.table}: {task} {method} seed {seed}", file=sys.stderr, flush=True)
+        res = run_cell(args.table, task, method, seed, args.data_root)
+        row = {"table": args.table, "task": task, "cell_method": method, "seed": seed, **res,
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": COMMON["threads"],
+               "date": time.strftime("%Y-%m-%d")}
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(render(read_rows()))
+
+
+def read_rows() -> list[dict]:
+    if not RESULTS.is_file():
+        return []
+    return [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    xs = [100 * x for x in xs]
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown: one row per (task, method), mean ± std over the seeds that finished (n shown)."""
+    out = []
+    for table in TABLES:
+        rs = [r for r in rows if r["table"] == table]
+        if not rs:
+            continue
+        out += [f"**{table}**", "", "| task | method | seeds | final test acc. | best-dev test acc. | minutes (train loop) |",
+                "|---|---|---|---|---|---|"]
+        for task in TABLES[table]["tasks"]:
+            trs = [r for r in rs if r["task"] == task]
+            zs = [r["test_before"] for r in trs if r.get("test_before") is not None]
+            if zs:
+                out.append(f"| {task} | zero-shot | – | {100 * zs[0]:.1f} | {100 * zs[0]:.1f} | 0 |")
+            for m in TABLES[table]["methods"]:
+                mr = [r for r in trs if r["cell_method"] == m]
+                if not mr:
+                    out.append(f"| {task} | {m} | 0 | not run yet | | |")
+                    continue
+                out.append(f"| {task} | {m} | {len(mr)} | {mean_std([r['test_after_last'] for r in mr])} | "
+                           f"{mean_std([r['test_after_best'] for r in mr])} | "
+                           f"{statistics.mean(r['minutes'] for r in mr):.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the missing cells of a table (resumable)")
+    r.add_argument("--table", choices=list(TABLES), default="main")
+    r.add_argument("--shard", default="0/1", help="k/n: run every n-th cell starting at k (one process per core)")
+    r.add_argument("--data-root")
+    sub.add_parser("render", help="print the tables from the results file")
+    args = p.parse_args()
+    if args.cmd == "run":
+        RUNS.mkdir(parents=True, exist_ok=True)
+        cmd_run(args)
+    else:
+        print(render(read_rows()))
+
+
+if __name__ == "__main__":
+    main()

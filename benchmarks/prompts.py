@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Zero-shot dev accuracy of prompt templates and label words for a built-in classification task.
+
+The prompt is the cheapest lever there is (no training step at all), so it is screened first and on
+the dev split only (never the test split): every candidate is scored with the same model, the same
+seeded dev rows and the label-word scoring `prge train` uses, and the table is ranked by dev accuracy.
+
+    python benchmarks/prompts.py                     # the SST-2 candidates below, SmolLM2-135M
+    python benchmarks/prompts.py --task rte --candidates '{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:|| True|| False'
+
+A candidate is `template||word0||word1...` (words in label order; `\\n` in the template is a newline).
+Appends JSON lines to benchmarks/results/prompts.jsonl and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SST2 = [
+    "{sentence} It was|| terrible|| great",  # the paper's (MeZO's) template
+    "{sentence} It was|| bad|| good",
+    "{sentence} It was|| negative|| positive",
+    "Review: {sentence}\\nSentiment:|| negative|| positive",
+    "Movie review: {sentence}\\nIs this review positive or negative? Answer:|| negative|| positive",
+    "{sentence}\\nQuestion: Is this movie review positive or negative?\\nAnswer:|| negative|| positive",
+    "Classify the sentiment of the movie review as positive or negative.\\nReview: {sentence}\\nSentiment:|| negative|| positive",
+    "<|im_start|>user\\nIs this movie review positive or negative?\\n{sentence}<|im_end|>\\n<|im_start|>assistant\\n||negative||positive",
+    "<|im_start|>user\\nIs this movie review positive or negative? Answer with one word.\\nReview: {sentence}<|im_end|>\\n<|im_start|>assistant\\nThe review is|| negative|| positive",
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--candidates", nargs="+", help="template||word0||word1 ... (default: the SST-2 list in this file)")
+    p.add_argument("--n-dev", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--data-root")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prompts.jsonl"))
+    args = p.parse_args()
+
+    import torch
+
+    from prge.config import TrainConfig
+    from prge.evaluate import evaluate
+    from prge.models import load_model
+    from prge.train import load_encoded
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = []
+    for cand in args.candidates or SST2:
+        template, *words = cand.replace("\\n", "\n").split("||")
+        cfg = TrainConfig(model=args.model, task=args.task, template=template, label_words=words, n_dev=args.n_dev,
+                          n_train=10, n_test=1, seed=args.seed, data_root=args.data_root)
+        t = time.time()
+        _, _, _, dev, _, label_ids = load_encoded(cfg, tok)
+        with torch.no_grad():
+            r = evaluate(model, dev, pad_id, label_ids, 32, "class")
+        row = {"task": args.task, "model": args.model, "template": template, "label_words": words, "split": "dev",
+               "n": r["n"], "accuracy": r["accuracy"], "label_share": r.get("label_share"), "seconds": time.time() - t,
+               "seed": args.seed, "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")}
+        rows.append(row)
+        print(f"{r['accuracy']:.3f}  {template!r} {words}", file=sys.stderr, flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{args.task} zero-shot, {args.model}, dev split ({rows[0]['n']} rows, seed {args.seed})\n")
+    print("| dev acc. | template | label words |\n|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        print(f"| {100 * r['accuracy']:.1f} | `{r['template']!r}` | {', '.join(repr(w) for w in r['label_words'])} |")
+
+
+if __name__ == "__main__":
+    main()
