@@ -188,6 +188,8 @@ def cmd_tasks(args) -> int:
 
     for t in TASKS.values():
         print(f"{t.name:12s} {t.kind:15s} {t.description}")
+        words = f" -> {' / '.join(repr(w) for w in t.label_words)}" if t.label_words else ""
+        print(f"{'':28s}template {t.template!r}{words}")
     return 0
 
 
