@@ -389,7 +389,7 @@ def tables(rows: list[dict]) -> str:
                 out.append(f"| {LABELS[v]} (16 rows, any q) | " + " | ".join([cell(d[(v, None)])] * len(qs)) + " |")
         out += ["", "| ratio (target) | " + " | ".join(f"q = {q}" for q in qs) + " |", "|---|" + "---|" * len(qs)]
 
-        def ratio(f, target):
+        def ratio(f):
             vals = []
             for q in qs:
                 try:
@@ -401,14 +401,14 @@ def tables(rows: list[dict]) -> str:
         a = lambda q: d[("engine-step", q)]
         bp, et = d.get(("backprop", None)), d.get(("et-training", None))
         out.append("| (a) / (f) time (≤ 1.05) | " + ratio(lambda q: f"{a(q)['s_step'] / d[('engine-forward', q)]['s_step']:.2f}"
-                                                          + (f" (paired {a(q)['paired_ratio']:.2f})" if 'paired_ratio' in a(q) else ""), 0) + " |")
-        out.append("| (c) / (a) time (≥ 1.5) | " + ratio(lambda q: f"{d[('eager-mezo', q)]['s_step'] / a(q)['s_step']:.2f}", 0) + " |")
-        out.append("| (b) dual / (a) time | " + ratio(lambda q: f"{d[('eager-prge', q)]['s_step'] / a(q)['s_step']:.2f}", 0) + " |")
-        out.append("| (a) / (f) peak RSS (≤ 1.1) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / d[('engine-forward', q)]['peak_rss_mb']:.2f}", 0) + " |")
-        out.append("| (a) / (d) peak RSS (≤ 0.33) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / bp['peak_rss_mb']:.2f}", 0) + " |")
-        out.append("| (a) / (e) peak RSS (≤ 0.33) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / et['peak_rss_mb']:.2f}", 0) + " |")
+                                                          + (f" (paired {a(q)['paired_ratio']:.2f})" if 'paired_ratio' in a(q) else "")) + " |")
+        out.append("| (c) / (a) time (≥ 1.5) | " + ratio(lambda q: f"{d[('eager-mezo', q)]['s_step'] / a(q)['s_step']:.2f}") + " |")
+        out.append("| (b) dual / (a) time | " + ratio(lambda q: f"{d[('eager-prge', q)]['s_step'] / a(q)['s_step']:.2f}") + " |")
+        out.append("| (a) / (f) peak RSS (≤ 1.1) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / d[('engine-forward', q)]['peak_rss_mb']:.2f}") + " |")
+        out.append("| (a) / (d) peak RSS (≤ 0.33) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / bp['peak_rss_mb']:.2f}") + " |")
+        out.append("| (a) / (e) peak RSS (≤ 0.33) | " + ratio(lambda q: f"{a(q)['peak_rss_mb'] / et['peak_rss_mb']:.2f}") + " |")
         out.append("| (a) GFLOP/s, % of GEMM peak (≥ 60%) | " + ratio(
-            lambda q: f"{a(q)['gflop_step'] / a(q)['s_step']:.1f}, {100 * a(q)['gflop_step'] / a(q)['s_step'] / gemm:.0f}%", 0) + " |")
+            lambda q: f"{a(q)['gflop_step'] / a(q)['s_step']:.1f}, {100 * a(q)['gflop_step'] / a(q)['s_step'] / gemm:.0f}%") + " |")
         out.append("")
     return "\n".join(out)
 

@@ -43,8 +43,8 @@ The templates (from the paper's reference code where it has one):
 - `sst2`: `Review: {sentence}\\nSentiment:` + " negative" (0) / " positive" (1). Not the paper's
   `{sentence} It was` + " terrible"/" great": on SmolLM2-135M that prompt scores 53% zero-shot on the
   dev split (the model says " great" 98% of the time) against 78% for this one, the best of the
-  candidates screened by `benchmarks/prompts.py` (README, "Making zeroth-order converge"); the
-  paper's stays one flag away: `--template "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
+  candidates screened by `benchmarks/prompts.py` (docs/evidence.md, part 2); the paper's stays one
+  flag away: `--template "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
   rows, GLUE train incl. phrase-level rows, 90%), dev pool `sst2/dev.tsv` (6,735, the other 10%),
   test `sst2/test.tsv` (the 872-row labelled GLUE dev set). Sentences are GLUE's lower-cased,
   tokenized text ("it 's a charming ... journey ."); only surrounding whitespace is stripped, the
@@ -64,8 +64,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import random
+import re
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
