@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prge.io import append_jsonl, read_jsonl  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 RUNS = ROOT / "runs" / "accuracy"
 
@@ -95,7 +97,7 @@ def run_cell(table: str, task: str, method: str, seed: int, data_root: str | Non
 
 def run_engine(out: Path, task: str, seed: int, data_root: str | None) -> dict:
     """export (T = ENGINE_MAX_LENGTH) -> device-train -> eager `prge eval` of its adapters on the test split."""
-    m = {**METHODS["prge-q4"]}
+    m = METHODS["prge-q4"]
     out.mkdir(parents=True, exist_ok=True)
     pte = out / "program.pte"
     common = ["--task", task, "--seed", str(seed), "--threads", str(COMMON["threads"])] + (["--data-root", data_root] if data_root else [])
@@ -117,9 +119,9 @@ def run_engine(out: Path, task: str, seed: int, data_root: str | None) -> dict:
         if r.returncode or not line:
             raise SystemExit(f"prge eval of {adapter} failed:\n{r.stderr[-2000:]}")
         acc[which] = json.loads(line[-1])
-    pick = lambda d: d.get("test", d).get("accuracy") if isinstance(d.get("test", d), dict) else None  # noqa: E731
     return {"task": task, "method": "prge", "steps": summary["steps"], "minutes": summary["minutes"],
-            "export_minutes": export_min, "test_after_last": pick(acc["last"]), "test_after_best": pick(acc["best"]),
+            "export_minutes": export_min, "test_after_last": acc["last"]["test"]["accuracy"],
+            "test_after_best": acc["best"]["test"]["accuracy"],
             "best_dev": summary["best_dev"], "best_step": summary["best_step"], "test_before": None,
             "wall_minutes": (time.time() - t) / 60, "run_dir": str(out.relative_to(ROOT))}
 
@@ -137,15 +139,12 @@ def cmd_run(args) -> None:
         row = {"table": args.table, "task": task, "cell_method": method, "seed": seed, **res,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": COMMON["threads"],
                "date": time.strftime("%Y-%m-%d")}
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
     print(render(read_rows()))
 
 
 def read_rows() -> list[dict]:
-    if not RESULTS.is_file():
-        return []
-    return [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    return [row for _, row in read_jsonl(RESULTS)] if RESULTS.is_file() else []
 
 
 def mean_std(xs: list[float]) -> str:

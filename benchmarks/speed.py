@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prge.io import append_jsonl, read_jsonl  # noqa: E402
+
 CONFIGS = {
     # prge.testing.tiny_model("llama"): 2 layers, hidden 64, vocab ~500
     "tiny": {"kind": "tiny", "T": 64},
@@ -313,9 +315,8 @@ def measure(args, out: Path) -> None:
     common = {"date": stamp, "threads": args.threads or os.cpu_count(), "rank": args.rank, "quantize": args.quantize,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "qb": args.qb}
 
-    def record(row: dict) -> None:
-        with open(out, "a") as f:  # one line as soon as it is measured: a long run killed half-way keeps its rows
-            f.write(json.dumps({**common, **row}) + "\n")
+    def record(row: dict) -> None:  # one line as soon as it is measured: a long run killed half-way keeps its rows
+        append_jsonl(out, {**common, **row})
 
     for name in args.configs:
         args.config = name
@@ -476,7 +477,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.render:
         measure(args, out)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    rows = [row for _, row in read_jsonl(out)]
     print(tables(rows))
     for path in plot(rows, out.parent):
         print(f"wrote {path}", file=sys.stderr)
