@@ -82,9 +82,9 @@ Measured here (2 shared cores, 1 thread, load average 2-3, b = 4; medians of 5 s
   small (T 128): xnnpack 0.38 s/step, xnnpack-static 0.88 (mm on portable); peak RSS 615 MB;
                  .pte 68.4 MB (the fp32 weights are inside); export 67 s, export peak RSS 1.3 GB
 
-Export and training run in separate subprocesses (so the training peak RSS, `ru_maxrss`, is only
-loading the program and stepping it; ~350 MB of it is importing torch and executorch); the program
-is cached under --work. The last line printed is "RESULT {json}".
+Export and training run in separate subprocesses (benchmarks/workers.py, the harness of speed.py
+too), so the training peak RSS, `ru_maxrss`, is only loading the program and stepping it (~350 MB
+of it is importing torch and executorch); the program is cached under --work. The last line printed is "RESULT {json}".
 """
 
 from __future__ import annotations
@@ -93,9 +93,7 @@ import argparse
 import collections
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,11 +101,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from speed import CONFIGS, batch, build, set_threads  # noqa: E402
+from benchmarks import workers  # noqa: E402
+from benchmarks.speed import CONFIGS, batch, build  # noqa: E402
+from benchmarks.workers import report, set_threads  # noqa: E402
 
 import torch
 from torch import nn
@@ -314,23 +313,18 @@ def worker_train(args) -> dict:
 def run_worker(args) -> None:
     set_threads(args.threads)
     load_before = os.getloadavg()[0]
-    out = worker_export(args) if args.worker == "export" else worker_train(args)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["load_avg_1min"] = [load_before, os.getloadavg()[0]]
-    print("RESULT " + json.dumps(out), flush=True)
+    report(worker_export(args) if args.worker == "export" else worker_train(args), load_before)
 
 
 def spawn(args, worker: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", worker, "--config", args.config, "--b", str(args.b), "--rank", str(args.rank),
+    cmd = ["--worker", worker, "--config", args.config, "--b", str(args.b), "--rank", str(args.rank),
            "--backend", args.backend, "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
            "--check-steps", str(args.check_steps), "--check-lr", str(args.check_lr), "--threads", str(args.threads),
            "--work", args.work]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise SystemExit(f"{worker} on {args.config} failed:\n{(r.stderr or '')[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    try:
+        return workers.spawn(__file__, cmd, args.threads, verbose=args.verbose)
+    except workers.WorkerFailed as e:
+        raise SystemExit(f"{worker} on {args.config} failed: {e}") from None
 
 
 def main() -> None:

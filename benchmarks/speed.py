@@ -42,9 +42,7 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import workers  # noqa: E402
+from benchmarks.workers import report, set_threads  # noqa: E402
 from prge.io import append_jsonl, read_jsonl  # noqa: E402
 
 CONFIGS = {
@@ -244,25 +244,6 @@ def worker_gemm(args) -> dict:
     return {"gemm_gflops": max(best.values()), "gemm_by_n": best}
 
 
-def set_threads(n: int | None) -> None:
-    """Pin torch's and the ExecuTorch threadpool's thread counts (default: both use every core).
-
-    With another busy process on a 2-core machine, 2 threads per side make every parallel region wait
-    for a descheduled thread (eager elementwise ops ran ~50× slower under such load); 1 thread keeps
-    the comparison meaningful there."""
-    if not n:
-        return
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(n)
-    except ImportError:
-        pass
-
-
 def run_worker(args) -> None:
     set_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -285,28 +266,22 @@ def run_worker(args) -> None:
         if args.worker == "engine-step":
             model, _, _ = build(args.config, args.rank)
             out["gflop_step"] = forward_gflop(model, 2 * args.q * args.b, CONFIGS[args.config]["T"])
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["load_avg_1min"] = [load_before, os.getloadavg()[0]]  # > cores: other processes competed
-    print("RESULT " + json.dumps(out), flush=True)
+    report(out, load_before)
 
 
 def spawn(args, worker: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", worker, "--config", args.config, "--q", str(args.q), "--b", str(args.b),
+    cmd = ["--worker", worker, "--config", args.config, "--q", str(args.q), "--b", str(args.b),
            "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup), "--work", args.work]
     if args.quantize:
         cmd += ["--quantize", args.quantize]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    try:
+        return workers.spawn(__file__, cmd, args.threads)
+    except workers.WorkerFailed as e:  # keep measuring the other variants; the row records the error
+        err = (str(e).strip().splitlines() or ["no output"])[-1]
         print(f"[{args.config}] {worker} failed: {err}", file=sys.stderr, flush=True)
         return {"error": err}
-    return json.loads(line[len("RESULT "):])
 
 
 def measure(args, out: Path) -> None:

@@ -251,7 +251,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--program", required=True, help="the .pte written by `prge export`")
     d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
     d.add_argument("--out", required=True, help="run folder")
-    d.add_argument("--steps", type=int, default=100, help="training steps (total, also when resuming)")
+    d.add_argument("--steps", type=int, default=200, help="training steps (total, also when resuming; 200 as prge train)")
     d.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     d.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 with a quantised base)")
     d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
