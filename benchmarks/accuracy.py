@@ -6,6 +6,7 @@ inside the engine, on SmolLM2-135M (issue 6, part 3).
     python benchmarks/accuracy.py run --table suite          # BoolQ, WiC, COPA, WinoGrande, SQuAD; seed 0
     python benchmarks/accuracy.py run --table main --shard 0/2 &   # two processes, one per core
     python benchmarks/accuracy.py run --table main --shard 1/2 &
+    python benchmarks/accuracy.py run --table main --tasks sst2 --seeds 1   # only some cells
     python benchmarks/accuracy.py run --table engine         # the engine run beside its eager twin (slow: lowering)
     python benchmarks/accuracy.py render                     # the tables from benchmarks/results/accuracy.jsonl
 
@@ -67,9 +68,11 @@ ENGINE_MAX_LENGTH = 64  # the program's static sequence length: the longest SST-
 # prompt is 64 tokens (measured), so nothing is truncated and the padded forward is half that of T = 128
 
 
-def cells(table: str) -> list[tuple[str, str, int]]:
+def cells(table: str, tasks=None, methods=None, seeds=None) -> list[tuple[str, str, int]]:
+    """The table's (task, method, seed) cells in run order, optionally only some tasks / methods / seeds."""
     t = TABLES[table]
-    return [(task, m, seed) for seed in t["seeds"] for task in t["tasks"] for m in t["methods"]]
+    return [(task, m, seed) for seed in t["seeds"] for task in t["tasks"] for m in t["methods"]
+            if (not tasks or task in tasks) and (not methods or m in methods) and (seeds is None or seed in seeds)]
 
 
 def prge_cli(*args: str) -> None:
@@ -139,7 +142,10 @@ def loss_gap(a: Path, b: Path) -> float | None:
 
 
 def cmd_run(args) -> None:
-    todo = cells(args.table)
+    todo = cells(args.table, args.tasks, args.methods, args.seeds)
+    if not todo:
+        raise SystemExit(f"no {args.table} cells match --tasks/--methods/--seeds: the table has tasks "
+                         f"{TABLES[args.table]['tasks']}, methods {TABLES[args.table]['methods']}, seeds {TABLES[args.table]['seeds']}")
     k, n = (int(x) for x in args.shard.split("/"))
     todo = todo[k::n]
     done = {(r["table"], r["task"], r["cell_method"], r["seed"]) for r in read_rows()}
@@ -247,6 +253,9 @@ def main() -> None:
     r = sub.add_parser("run", help="run the missing cells of a table (resumable)")
     r.add_argument("--table", choices=list(TABLES), default="main")
     r.add_argument("--shard", default="0/1", help="k/n: run every n-th cell starting at k (one process per core)")
+    r.add_argument("--tasks", nargs="+", help="only these tasks of the table")
+    r.add_argument("--methods", nargs="+", help="only these methods of the table (e.g. prge-q4 mezo-q1)")
+    r.add_argument("--seeds", nargs="+", type=int, help="only these seeds of the table")
     r.add_argument("--data-root")
     sub.add_parser("render", help="print the tables from the results file")
     args = p.parse_args()

@@ -1,0 +1,60 @@
+"""The accuracy-table script's bookkeeping: which cells run, and how the issue's figures are judged."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def row(table, task, method, seed, last, best, **extra):
+    return {"table": table, "task": task, "cell_method": method, "seed": seed, "test_after_last": last,
+            "test_after_best": best, "minutes": 1.0, "test_before": 0.5, **extra}
+
+
+def test_cells_filter_and_order(accuracy):
+    every = accuracy.cells("main")
+    assert len(every) == 2 * 3 * 4 and every[0] == ("sst2", "prge-q4", 0)
+    assert [c[2] for c in every[:8]] == [0] * 8  # every method of seed 0 before any seed 1
+    only = accuracy.cells("main", tasks=["rte"], methods=["fo"], seeds=[1, 2])
+    assert only == [("rte", "fo", 1), ("rte", "fo", 2)]
+    assert accuracy.cells("main", seeds=[0]) == every[:8]
+    assert accuracy.cells("main", tasks=["boolq"]) == []
+
+
+def test_figures_met_missed_mixed(accuracy):
+    rows = [row("main", "sst2", "prge-q4", 0, 0.82, 0.83), row("main", "sst2", "prge-q4", 1, 0.80, 0.81),
+            row("main", "sst2", "mezo-q1", 0, 0.79, 0.84),  # P-RGE wins on final, loses on best-dev: mixed
+            row("main", "sst2", "fo", 0, 0.86, 0.86),       # within 3 points on final (81 vs 86: no) -> missed
+            row("main", "rte", "prge-q4", 0, 0.60, 0.61), row("main", "rte", "mezo-q1", 0, 0.55, 0.56),
+            row("main", "rte", "fo", 0, 0.62, 0.63),
+            row("engine", "sst2", "engine-q4", 0, 0.825, 0.83, max_loss_gap_vs_eager=4e-5)]
+    text = "\n".join(accuracy.figures(rows))
+    lines = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln.split("|")[-2].strip() for ln in text.splitlines()[2:]}
+    assert lines[("P-RGE q = 4 beats MeZO q = 1 at equal forwards", "sst2")] == "mixed"
+    assert lines[("P-RGE q = 4 beats MeZO q = 1 at equal forwards", "rte")] == "met"
+    assert lines[("P-RGE q = 4 within 3 points of backprop", "sst2")] == "**missed**"
+    assert lines[("P-RGE q = 4 within 3 points of backprop", "rte")] == "met"
+    # the engine is compared with the eager cell of the same seed only (82 / 83), not the mean over seeds
+    assert lines[("engine within 1 point of eager (same seed)", "sst2")] == "met"
+    assert "82.5 vs 82.0" in text and "4.0e-05" in text
+    rendered = accuracy.render(rows)
+    assert "| sst2 | prge-q4 | 2 | 81.0 ± 1.4 | 82.0 ± 1.4 |" in rendered
+    assert "| rte | prge-q16 | 0 | not run yet | | |" in rendered
+
+
+def test_loss_gap(accuracy, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 2, "split": "dev", "loss": 9}\n')
+    b.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.41}\n{"step": 3, "loss": 0.1}\n')
+    assert accuracy.loss_gap(a, b) == pytest.approx(0.01)
+    assert accuracy.loss_gap(a, tmp_path / "missing.jsonl") is None
