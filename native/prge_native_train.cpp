@@ -3,7 +3,7 @@
 //
 //   prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR
 //                     --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--normalize]
-//                     [--resume] [--stop-after K]
+//                     [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K]
 //
 // Inputs: X.pte and its manifest X.pte.json (written together by `prge export`), the pre-tokenised
 // data file (prge.export.write_dataset) and the step plan (prge.native.write_plan: the example
@@ -542,6 +542,7 @@ struct Options {
   std::string program, data, plan, out;
   long steps = -1, eval_every = 50, stop_after = 0;
   double lr = NAN, eps = NAN;
+  std::string lr_schedule = "constant";
   long long seed = 0;
   bool normalize = false, resume = false;
 };
@@ -549,7 +550,7 @@ struct Options {
 const char* USAGE =
     "usage: prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR\n"
     "                         --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--normalize]\n"
-    "                         [--resume] [--stop-after K]\n";
+    "                         [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K]\n";
 
 Options parse_args(int argc, char** argv) {
   Options o;
@@ -567,6 +568,7 @@ Options parse_args(int argc, char** argv) {
       else if (a == "--steps") o.steps = std::stol(num(i, a));
       else if (a == "--lr") o.lr = std::stod(num(i, a));
       else if (a == "--eps") o.eps = std::stod(num(i, a));
+      else if (a == "--lr-schedule") o.lr_schedule = num(i, a);
       else if (a == "--seed") o.seed = std::stoll(num(i, a));
       else if (a == "--eval-every") o.eval_every = std::stol(num(i, a));
       else if (a == "--stop-after") o.stop_after = std::stol(num(i, a));
@@ -584,7 +586,16 @@ Options parse_args(int argc, char** argv) {
     throw Fail("--program, --data, --plan, --out, --steps, --lr and --eps are required", 2);
   if (!(o.eps > 0) || o.eval_every < 0 || o.stop_after < 0)
     throw Fail("bad loop settings: pass --eps > 0, --eval-every >= 0, --stop-after >= 0", 2);
+  if (o.lr_schedule != "constant" && o.lr_schedule != "linear" && o.lr_schedule != "cosine")
+    throw Fail("unknown --lr-schedule " + o.lr_schedule + " (constant, linear or cosine)", 2);
   return o;
+}
+
+// prge.schedule.lr_at: the lr of the update made from step `step`'s g, the same double arithmetic
+double lr_at(const Options& o, long step) {
+  if (o.lr_schedule == "constant" || step < 1 || o.steps < 1) return o.lr;
+  double x = double(step - 1) / double(o.steps);
+  return o.lr_schedule == "linear" ? o.lr * (1.0 - x) : o.lr * 0.5 * (1.0 + std::cos(std::acos(-1.0) * x));
 }
 
 // peak resident memory of this process in MB: VmHWM (ru_maxrss would carry a parent's peak across exec)
@@ -732,10 +743,11 @@ struct Loop {
 
   struct Eval { double acc, loss; int64_t n; std::vector<double> share; };
 
-  Eval evaluate(std::vector<float>& g) {
+  // g is step g_step's: its pending update is folded in at that step's lr
+  Eval evaluate(std::vector<float>& g, long g_step) {
     double correct = 0, loss = 0, tokens = 0;
     std::vector<double> counts(size_t(std::max<int64_t>(n_labels, 1)), 0.0);
-    auto lr = fscalar(o.lr);
+    auto lr = fscalar(lr_at(o, g_step));
     for (int64_t start = 0; start < dev.n; start += N) {
       int64_t k = std::min(N, dev.n - start);
       std::vector<int64_t> idx;
@@ -780,7 +792,7 @@ struct Loop {
 
   std::string state_json(long step) {
     std::string s = "{\n  \"step\": " + std::to_string(step) + ",\n  \"seed\": " + std::to_string(o.seed) +
-                    ",\n  \"lr\": " + jnum(o.lr) + ",\n  \"eps\": " + jnum(o.eps) + ",\n  \"normalize\": " + (o.normalize ? "true" : "false") +
+                    ",\n  \"lr\": " + jnum(o.lr) + ",\n  \"lr_schedule\": " + jstr(o.lr_schedule) + ",\n  \"eps\": " + jnum(o.eps) + ",\n  \"normalize\": " + (o.normalize ? "true" : "false") +
                     ",\n  \"program_sha256\": " + (sha.empty() ? "null" : jstr(sha)) + ",\n  \"best_accuracy\": " + jnum(best_acc) +
                     ",\n  \"best_step\": " + std::to_string(best_step) + ",\n  \"before\": " + (has_before ? jnum(before) : "null") +
                     ",\n  \"seconds\": " + jnum(seconds) + ",\n  \"native\": true\n}\n";
@@ -789,7 +801,7 @@ struct Loop {
 
   void save_checkpoint(const std::string& folder, long step, std::vector<float>& g) {
     auto raw = prog.run("read_raw", {}).at(0);
-    auto lr = fscalar(o.lr);
+    auto lr = fscalar(lr_at(o, step));  // g is this step's
     auto bflat = prog.run("read_state", {f32t(g, {int32_t(q)}), f32t(lr, {1})}).at(0);
     std::string tmp = temp_dir_beside(folder);
     try {
@@ -874,7 +886,7 @@ struct Loop {
     } else {
       unlink(metrics.c_str());
       if (has_dev) {
-        Eval e = evaluate(g);
+        Eval e = evaluate(g, 0);
         before = best_acc = e.acc;
         has_before = true;
         append_metrics(eval_row(0, e));
@@ -886,13 +898,14 @@ struct Loop {
     double t_loop = now() - seconds, step_time = 0;
     long end = o.stop_after ? std::min(o.steps, o.stop_after) : o.steps, timed = 0;
     double last_acc = NAN;
-    auto lr = fscalar(o.lr), eps = fscalar(o.eps);
+    auto eps = fscalar(o.eps);
     int32_t b32 = int32_t(b), t32 = int32_t(T), k32 = int32_t(K), q32 = int32_t(q);
     for (long step = start + 1; step <= end; ++step) {
       double t = now();
       std::vector<int64_t> idx(plan.begin() + (step - 1) * b, plan.begin() + step * b);
       Rows r = gather(train, idx, T, K);
       std::vector<int64_t> key = {o.seed, step};
+      auto lr = fscalar(lr_at(o, step - 1));  // the pending update is step - 1's
       auto losses = prog.run("train_step", {i64t(r.ids, {b32, t32}), i64t(r.pos, {b32, k32}), i64t(r.tids, {b32, k32}), f32t(r.mask, {b32, k32}),
                                             i64t(r.label, {b32}), f32t(lr, {1}), f32t(eps, {1}), f32t(g, {q32}), i64t(key, {2})}).at(0);
       if (int64_t(losses.size()) != 2 * q) fail("train_step returned " + std::to_string(losses.size()) + " losses, expected 2q");
@@ -924,7 +937,7 @@ struct Loop {
       if ((o.eval_every && step % o.eval_every == 0) || step == o.steps) {
         seconds = now() - t_loop;
         if (has_dev) {
-          Eval e = evaluate(g);
+          Eval e = evaluate(g, step);
           last_acc = e.acc;
           append_metrics(eval_row(step, e));
           if (e.acc > best_acc) {
@@ -953,6 +966,7 @@ struct Loop {
       fprintf(stderr, "stopped after step %ld; resume with --resume\n", end);
       return 0;
     }
+    auto lr = fscalar(lr_at(o, end));  // g is step end's
     auto bflat = prog.run("read_state", {f32t(g, {q32}), f32t(lr, {1})}).at(0);
     atomic_write(o.out + "/final_b.safetensors", safetensors_bytes({f32("b", bflat), f32("g", g)}));
     atomic_write(o.out + "/native.json", info);

@@ -20,6 +20,7 @@ import sys
 import warnings
 
 from prge.errors import PrgeError
+from prge.schedule import LR_SCHEDULES
 
 DEFAULT_JOB = ("With no options, `prge train` runs the embedded default: SmolLM2-135M-Instruct on SST-2 with "
                "P-RGE (dual forwarding, q = 4), printing test accuracy before and after and where the adapter went.")
@@ -176,10 +177,11 @@ def cmd_device_train(args) -> int:
         from prge.native import native_train
 
         native_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize)
+                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule)
         return 0
     device_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                 eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, progress=args.progress)
+                 eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule,
+                 progress=args.progress)
     return 0
 
 
@@ -253,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="run folder")
     d.add_argument("--steps", type=int, default=200, help="training steps (total, also when resuming; 200 as prge train)")
     d.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    d.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
+                   help="constant, or a linear / cosine decay from --lr towards 0 over --steps (as prge train)")
     d.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 with a quantised base)")
     d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
     d.add_argument("--eval-every", type=int, default=50, help="evaluate on dev and checkpoint every N steps (0: only at the end)")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from prge.errors import PrgeError
+from prge.schedule import LR_SCHEDULES
 
 
 def opt(default, help: str, choices=None):
@@ -44,6 +45,7 @@ class TrainConfig:
     batch_size: int = opt(4, "examples per step (each query sees the same b examples; the forward batch is 2·q·b)")
     steps: int = opt(200, "training steps (200: where the dev accuracy of the default SST-2 run peaked, see docs/evidence.md)")
     lr: float = opt(3e-3, "learning rate")
+    lr_schedule: str = opt("constant", "learning-rate schedule over --steps: constant, or a linear / cosine decay from --lr towards 0", list(LR_SCHEDULES))
     eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
     normalize: bool = opt(False, "zeroth-order: divide each loss difference by the spread (std) of the step's 2q losses instead of by 2ε (needs q >= 2)")
     loss: str = opt("class", "lm: next-token CE over the vocabulary on the answer tokens; class: CE over the label words (classification only)", ["lm", "class"])
@@ -77,6 +79,8 @@ class TrainConfig:
             raise PrgeError(f"eps (perturbation scale) must be > 0, got {self.eps}", "pass e.g. --eps 1e-2")
         if self.batch_size < 1 or self.steps < 0:
             raise PrgeError("batch size must be >= 1 and steps >= 0", "fix --batch-size / --steps")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PrgeError(f"unknown lr schedule {self.lr_schedule!r}", f"pass --lr-schedule {' / '.join(LR_SCHEDULES)}")
         if self.normalize and self.q < 2 and self.method != "fo":
             raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)", "pass --q 2 or more, or drop --normalize")
         if self.tune == "lora" and self.method != "fo":

@@ -42,6 +42,7 @@ from prge import estimator as est
 from prge import io
 from prge.batch import step_indices
 from prge.errors import PrgeError
+from prge.schedule import LR_SCHEDULES, lr_at
 
 FORMAT = "prge-engine-program"
 FORMAT_VERSION = 1
@@ -278,10 +279,11 @@ def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: s
 # checkpoints
 
 
-def save_checkpoint(folder: Path, engine: Engine, lora_a: dict, step: int, g: torch.Tensor, state: dict) -> None:
-    """The raw program state (bit-exact resume) + g + step, and the adapter of this step, atomically."""
+def save_checkpoint(folder: Path, engine: Engine, lora_a: dict, step: int, g: torch.Tensor, state: dict, lr: float) -> None:
+    """The raw program state (bit-exact resume) + g + step, and the adapter of this step (its pending
+    update folded in at `lr`), atomically."""
     raw = engine("read_raw")[0]
-    b = engine("read_state", g, _f(state["lr"]))[0]
+    b = engine("read_state", g, _f(lr))[0]
     with io.atomic_dir(folder) as tmp:
         tmp = Path(tmp)
         io.save_tensors(tmp / "state.safetensors", {"raw": raw, "g": g})
@@ -322,17 +324,25 @@ def _log(msg: str) -> None:
 
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
-                 normalize: bool = False, progress: bool = True, stop_after: int | None = None, log=_log) -> dict:
+                 normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
+                 stop_after: int | None = None, log=_log) -> dict:
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
-    (`estimator.projected_grad`; host-side, the program is the same). `stop_after` ends early after
+    (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`estimator.lr_at`)
+    decays the lr over `steps`; the update made from step t's g, applied by call t + 1 (or folded in by
+    evaluate / read_state), gets the lr of step t, as in the eager trainer. `stop_after` ends early after
     that step with a checkpoint (tests use it to simulate an interruption). With `resume`, continue
     from out_dir/checkpoints/last exactly.
     """
     if steps < 0 or not eps > 0 or eval_every < 0:
         raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}",
                         "pass --steps >= 0, --eps > 0, --eval-every >= 0")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PrgeError(f"unknown lr schedule {lr_schedule!r}", f"pass --lr-schedule {' / '.join(LR_SCHEDULES)}")
+
+    def lr_of(step: int) -> float:  # the lr of the pending update made from step `step`'s g
+        return lr_at(lr, lr_schedule, step, steps)
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
     missing = [m for m in ("train_step", "read_state", "read_raw", "write_raw", "evaluate") if m not in manifest.get("methods", {})]
@@ -357,7 +367,8 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     ckpts, metrics = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    state = {"seed": seed, "lr": lr, "eps": eps, "normalize": normalize, "program_sha256": manifest.get("program_sha256"),
+    state = {"seed": seed, "lr": lr, "lr_schedule": lr_schedule, "eps": eps, "normalize": normalize,
+             "program_sha256": manifest.get("program_sha256"),
              "best_accuracy": -1.0, "best_step": 0, "before": None, "seconds": 0.0}
     if resume:
         raw, g, saved = load_checkpoint(ckpts / "last", manifest)
@@ -373,11 +384,11 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         g, start = torch.zeros(q), 0
         metrics.unlink(missing_ok=True)
         if has_dev:
-            ev = evaluate(engine, tensors, g, lr)
+            ev = evaluate(engine, tensors, g, lr_of(0))
             state["before"], state["best_accuracy"] = ev["accuracy"], ev["accuracy"]
             io.append_jsonl(metrics, {"step": 0, "split": "dev", **ev})
             log(f"before training: dev accuracy {ev['accuracy']:.4f} (n={ev['n']})")
-        save_checkpoint(ckpts / "best", engine, lora_a, 0, g, state)
+        save_checkpoint(ckpts / "best", engine, lora_a, 0, g, state, lr_of(0))
 
     bar = None
     if progress and steps:
@@ -387,14 +398,14 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     t_loop = time.time() - state["seconds"]
     end = min(steps, stop_after) if stop_after else steps
     last_acc = None
-    lr_t, eps_t = _f(lr), _f(eps)
+    eps_t = _f(eps)
     step = start
     for step in range(start + 1, end + 1):
         t = time.time()
         batch = _rows(tensors, "train", step_indices(n_train, b, seed, step))
         key = torch.tensor([seed, step], dtype=torch.int64)
         extra = [host_noise(manifest, key)] if manifest["noise"] == "host" else []
-        losses = engine("train_step", *batch, lr_t, eps_t, g, key, *extra)[0]
+        losses = engine("train_step", *batch, _f(lr_of(step - 1)), eps_t, g, key, *extra)[0]
         if not torch.isfinite(losses).all():
             if bar is not None:
                 bar.close()
@@ -406,13 +417,13 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         if eval_every and step % eval_every == 0 or step == steps:
             state["seconds"] = time.time() - t_loop
             if has_dev:
-                ev = evaluate(engine, tensors, g, lr)
+                ev = evaluate(engine, tensors, g, lr_of(step))
                 last_acc = ev["accuracy"]
                 io.append_jsonl(metrics, {"step": step, "split": "dev", **ev})
                 if ev["accuracy"] > state["best_accuracy"]:
                     state["best_accuracy"], state["best_step"] = ev["accuracy"], step
-                    save_checkpoint(ckpts / "best", engine, lora_a, step, g, state)
-            save_checkpoint(ckpts / "last", engine, lora_a, step, g, state)
+                    save_checkpoint(ckpts / "best", engine, lora_a, step, g, state, lr_of(step))
+            save_checkpoint(ckpts / "last", engine, lora_a, step, g, state, lr_of(step))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if last_acc is None else f"{last_acc:.3f}")
@@ -420,9 +431,9 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         bar.close()
     state["seconds"] = time.time() - t_loop
     if stop_after and end < steps:
-        save_checkpoint(ckpts / "last", engine, lora_a, end, g, state)
+        save_checkpoint(ckpts / "last", engine, lora_a, end, g, state, lr_of(end))
         return {"stopped_at": end, "run_dir": str(out_dir)}
-    b_final = engine("read_state", g, lr_t)[0]
+    b_final = engine("read_state", g, _f(lr_of(step)))[0]
     write_adapter(out_dir / "adapter", manifest, lora_a, b_final)
     summary = {"program": str(program_path), "model": manifest["model"], "steps": steps, "q": q, "batch_size": b,
                "noise": manifest["noise"], "minutes": state["seconds"] / 60, "dev_before": state["before"],

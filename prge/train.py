@@ -33,6 +33,7 @@ from prge.evaluate import evaluate, evaluate_choice, evaluate_generation
 from prge.lora import add_lora, count_trainable, lora_layers, trainable_b
 from prge.loss import copy_losses
 from prge.models import load_model
+from prge.schedule import lr_at
 from prge.zo import check_finite, mezo_step, prge_step
 
 
@@ -151,15 +152,18 @@ def make_optimizer(s: Setup):
 def one_step(s: Setup, batch, step: int, optimizer) -> tuple[float, float]:
     """(mean loss, mean |g|) of one training step of the configured method."""
     c = s.cfg
+    lr = lr_at(c.lr, c.lr_schedule, step, c.steps)
     if c.method == "prge":
-        r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, mode=c.mode,
+        r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, mode=c.mode,
                       noise=c.noise, normalize=c.normalize)
     elif c.method == "mezo":
-        r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=c.lr, noise=c.noise,
+        r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, noise=c.noise,
                       normalize=c.normalize)
     else:
         loss = s.loss_fn(batch, 1)
         check_finite(loss.detach(), step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss[0].backward()
         optimizer.step()

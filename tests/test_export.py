@@ -29,6 +29,7 @@ from prge.evaluate import evaluate  # noqa: E402
 from prge.export import check_manifest, export_program, model_meta, write_dataset  # noqa: E402
 from prge.lora import add_lora, lora_layers, trainable_b  # noqa: E402
 from prge.loss import copy_losses, label_scores  # noqa: E402
+from prge.schedule import lr_at  # noqa: E402
 from prge.testing import save_tiny, tiny_model  # noqa: E402
 from prge.train import prepare  # noqa: E402
 from prge.zo import apply_update, perturbed_losses, prge_step  # noqa: E402
@@ -140,8 +141,8 @@ def test_host_noise_is_the_estimators():
     assert all(torch.equal(a, b) for a, b in zip(batched_noise(key, 3, [tuple(s) for s in shapes]), ref))
 
 
-def eager_run(prog, steps, eval_every):
-    """The eager trainer's loop (prge_step, same seed, data order and evaluation) from the same B."""
+def eager_run(prog, steps, eval_every, lr_schedule="constant"):
+    """The eager trainer's loop (prge_step, same seed, data order, lr schedule and evaluation) from the same B."""
     s = prog["setup"]
     model, params = fresh_eager(prog)
 
@@ -151,7 +152,7 @@ def eager_run(prog, steps, eval_every):
     losses, accs = [], {}
     for step in range(1, steps + 1):
         batch = collate([s.train[i] for i in step_indices(len(s.train), B, SEED, step)], s.pad_id)
-        r = prge_step(model, params, loss_fn, batch, step, seed=SEED, q=Q, eps=EPS, lr=LR)
+        r = prge_step(model, params, loss_fn, batch, step, seed=SEED, q=Q, eps=EPS, lr=lr_at(LR, lr_schedule, step, steps))
         losses.append(float(r.losses.mean()))
         if step % eval_every == 0 or step == steps:
             accs[step] = evaluate(model, s.dev, s.pad_id, s.label_ids, 32, "class")["accuracy"]
@@ -182,6 +183,24 @@ def test_closed_loop_matches_the_eager_trainer(prog, device_run):
     b_dev = final_b(out)
     assert float((flat([b_dev[n] for n in names]) - b_eager).abs().max()) < 1e-5
     assert summary["dev_after"] == accs[6]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedule_matches_the_eager_trainer(prog, device_run, schedule):
+    """A decaying lr is host-side: call t + 1 applies step t's g at step t's lr, as the eager trainer does."""
+    out = prog["root"] / f"run_{schedule}"
+    device_train(prog["path"], prog["data"], out, steps=6, lr=LR, eps=EPS, seed=SEED, eval_every=3, progress=False,
+                 lr_schedule=schedule)
+    losses, accs, b_eager = eager_run(prog, 6, 3, schedule)
+    d_losses = [x["loss"] for x in rows(out) if "split" not in x]
+    assert max(abs(a - b) for a, b in zip(losses, d_losses)) < 1e-5
+    assert {x["step"]: x["accuracy"] for x in rows(out) if x.get("split") == "dev" and x["step"] > 0} == accs
+    names = [x["name"] for x in prog["manifest"]["layers"]]
+    b_dev, b_const = final_b(out), final_b(device_run[0])
+    assert float((flat([b_dev[n] for n in names]) - b_eager).abs().max()) < 1e-5
+    assert max(float((b_dev[n] - b_const[n]).abs().max()) for n in names) > 1e-4  # the schedule changed the run
+    saved = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert saved["lr_schedule"] == schedule
 
 
 def test_adapter_is_peft_format_and_loads(prog, device_run):

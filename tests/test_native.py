@@ -89,6 +89,18 @@ def test_parity_with_the_python_engine_loop(runs):
     assert summary["native"] and summary["peak_rss_mb"] > 0 and summary["step_seconds"] > 0
 
 
+def test_lr_schedule_parity(prog):
+    """The C++ loop computes prge.schedule.lr_at itself: same losses and final B as the Python loop."""
+    kw = {**KW, "lr_schedule": "cosine"}
+    py, nat = prog["root"] / "py_cos", prog["root"] / "nat_cos"
+    device_train(prog["path"], prog["data"], py, progress=False, **kw)
+    native.native_train(prog["path"], prog["data"], nat, binary=prog["exe"], log=lambda m: None, **kw)
+    assert max(abs(a - b) for a, b in zip(step_losses(py), step_losses(nat))) <= 1e-5
+    bp, bn = final_b(py), final_b(nat)
+    assert max(float((bp[k] - bn[k]).abs().max()) for k in bp) <= 1e-5
+    assert json.loads((nat / "checkpoints" / "last" / "trainer_state.json").read_text())["lr_schedule"] == "cosine"
+
+
 def test_resume_is_exact(prog, runs):
     _, nat, _ = runs
     out = prog["root"] / "nat_resume"

@@ -47,7 +47,9 @@ def test_run_writes_everything(tiny, tmp_path):
     assert max(float(t.abs().max()) for t in b) > 0
 
 
-@pytest.mark.parametrize("method,extra", [("prge", {}), ("mezo", {}), ("fo", {"optimizer": "adam", "lr": 1e-3})])
+@pytest.mark.parametrize("method,extra", [("prge", {}), ("mezo", {}), ("fo", {"optimizer": "adam", "lr": 1e-3}),
+                                          ("prge", {"lr_schedule": "cosine"}),
+                                          ("fo", {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "linear"})])
 def test_resume_continues_the_exact_trajectory(tiny, tmp_path, method, extra):
     full = tmp_path / "full"
     run(cfg(tiny, full, method=method, **extra))
@@ -61,6 +63,16 @@ def test_resume_continues_the_exact_trajectory(tiny, tmp_path, method, extra):
     a = load_tensors(full / "checkpoints/last/adapter_model.safetensors")
     b = load_tensors(part / "checkpoints/last/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method,extra", [("prge", {}), ("fo", {"optimizer": "sgd", "lr": 0.5})])
+def test_lr_schedule_starts_at_lr_then_decays(tiny, tmp_path, method, extra):
+    """Step 1's update uses the full lr (so the first two losses agree with a constant run); later ones less."""
+    run(cfg(tiny, tmp_path / "c", method=method, **extra))
+    run(cfg(tiny, tmp_path / "l", method=method, lr_schedule="linear", **extra))
+    const, lin = losses(tmp_path / "c"), losses(tmp_path / "l")
+    assert lin[:2] == const[:2]
+    assert lin[2:] != const[2:]
 
 
 def test_same_seed_same_trajectory_other_seed_differs(tiny, tmp_path):
