@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from prge.errors import PrgeError
-from prge.schedule import LR_SCHEDULES
+from prge.schedule import LR_SCHEDULES, check_schedule
 
 
 def opt(default, help: str, choices=None):
@@ -79,8 +79,7 @@ class TrainConfig:
             raise PrgeError(f"eps (perturbation scale) must be > 0, got {self.eps}", "pass e.g. --eps 1e-2")
         if self.batch_size < 1 or self.steps < 0:
             raise PrgeError("batch size must be >= 1 and steps >= 0", "fix --batch-size / --steps")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise PrgeError(f"unknown lr schedule {self.lr_schedule!r}", f"pass --lr-schedule {' / '.join(LR_SCHEDULES)}")
+        check_schedule(self.lr_schedule)
         if self.normalize and self.q < 2 and self.method != "fo":
             raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)", "pass --q 2 or more, or drop --normalize")
         if self.tune == "lora" and self.method != "fo":

@@ -42,7 +42,7 @@ from prge import estimator as est
 from prge import io
 from prge.batch import step_indices
 from prge.errors import PrgeError
-from prge.schedule import LR_SCHEDULES, lr_at
+from prge.schedule import check_schedule, lr_at
 
 FORMAT = "prge-engine-program"
 FORMAT_VERSION = 1
@@ -329,7 +329,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
-    (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`estimator.lr_at`)
+    (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`prge.schedule.lr_at`)
     decays the lr over `steps`; the update made from step t's g, applied by call t + 1 (or folded in by
     evaluate / read_state), gets the lr of step t, as in the eager trainer. `stop_after` ends early after
     that step with a checkpoint (tests use it to simulate an interruption). With `resume`, continue
@@ -338,8 +338,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if steps < 0 or not eps > 0 or eval_every < 0:
         raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}",
                         "pass --steps >= 0, --eps > 0, --eval-every >= 0")
-    if lr_schedule not in LR_SCHEDULES:
-        raise PrgeError(f"unknown lr schedule {lr_schedule!r}", f"pass --lr-schedule {' / '.join(LR_SCHEDULES)}")
+    check_schedule(lr_schedule)
 
     def lr_of(step: int) -> float:  # the lr of the pending update made from step `step`'s g
         return lr_at(lr, lr_schedule, step, steps)

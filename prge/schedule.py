@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import math
 
+from prge.errors import PrgeError
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_schedule(name: str) -> None:
+    """The one user-facing check of a schedule name (prge train's config, prge device-train)."""
+    if name not in LR_SCHEDULES:
+        raise PrgeError(f"unknown lr schedule {name!r}", f"pass --lr-schedule {' / '.join(LR_SCHEDULES)}")
 
 
 def lr_at(lr: float, schedule: str, step: int, steps: int) -> float:

@@ -23,3 +23,11 @@ def test_config_refuses_an_unknown_schedule():
     with pytest.raises(PrgeError, match="lr schedule 'exp'"):
         TrainConfig(lr_schedule="exp").check()
     assert TrainConfig(lr_schedule="cosine").check().lr_schedule == "cosine"
+
+
+def test_device_train_refuses_an_unknown_schedule(tmp_path):
+    from prge.device import device_train
+
+    with pytest.raises(PrgeError, match="lr schedule 'exp'"):  # before it opens any file
+        device_train(tmp_path / "none.pte", tmp_path / "none.safetensors", tmp_path / "run", steps=1, lr=1e-3,
+                     eps=1e-2, lr_schedule="exp", progress=False)
