@@ -15,7 +15,6 @@ Appends JSON lines to benchmarks/results/prompts.jsonl and prints a markdown tab
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -54,6 +53,7 @@ def main() -> None:
 
     from prge.config import TrainConfig
     from prge.evaluate import evaluate
+    from prge.io import append_jsonl
     from prge.models import load_model
     from prge.train import load_encoded
 
@@ -75,8 +75,7 @@ def main() -> None:
                "seed": args.seed, "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")}
         rows.append(row)
         print(f"{r['accuracy']:.3f}  {template!r} {words}", file=sys.stderr, flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(Path(args.out), row)
     print(f"\n{args.task} zero-shot, {args.model}, dev split ({rows[0]['n']} rows, seed {args.seed})\n")
     print("| dev acc. | template | label words |\n|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["accuracy"]):

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from prge.config import TrainConfig, coerce
+from prge.io import append_jsonl, read_jsonl
 from prge.train import run
 
 
@@ -51,11 +52,9 @@ def main() -> None:
         resume = str(run_dir) if (run_dir / "checkpoints" / "last").is_dir() else None  # killed earlier: continue it exactly
         t = time.time()
         summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume}))
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curve = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "dev"]
-        with open(args.out, "a") as f:
-            f.write(json.dumps({"overrides": kw, "dev_curve": curve, **summary, "wall_minutes": (time.time() - t) / 60,
-                                "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")}) + "\n")
+        curve = [(r["step"], r["accuracy"]) for _, r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "dev"]
+        append_jsonl(Path(args.out), {"overrides": kw, "dev_curve": curve, **summary, "wall_minutes": (time.time() - t) / 60,
+                                      "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")})
         print(spec, "dev", curve, "test", summary["test_before"], "->", summary["test_after_best"], flush=True)
 
 
