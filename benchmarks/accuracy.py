@@ -182,7 +182,8 @@ def render(rows: list[dict]) -> str:
         rs = [r for r in rows if r["table"] == table]
         if not rs:
             continue
-        out += [f"**{table}**", "", "| task | method | seeds | final test acc. | best-dev test acc. | minutes (train loop) |",
+        score = "test acc. (SQuAD: F1)" if "squad" in TABLES[table]["tasks"] else "test acc."  # evaluate's "accuracy" is F1 there
+        out += [f"**{table}**", "", f"| task | method | seeds | final {score} | best-dev {score} | minutes (train loop) |",
                 "|---|---|---|---|---|---|"]
         for task in TABLES[table]["tasks"]:
             trs = [r for r in rs if r["task"] == task]

@@ -6,6 +6,9 @@ Common settings are the defaults of `prge train` plus `--base 'key=value ...'` (
 --label-words, which may contain spaces). Selection uses the dev
 split only; the test split is evaluated once at the start and end of each run, as `prge train` does.
 Appends one JSON line per run (the run's summary, its overrides and its dev curve) to OUT.jsonl.
+A killed run resumes exactly from its last checkpoint when the same command is run again.
+`--stop-after N` runs a long point in slices (one per session): it stops after step N (rounded to a
+checkpoint: pass a multiple of eval_every) and records the curve so far, marked "stopped_at".
 """
 
 import argparse
@@ -35,6 +38,8 @@ def main() -> None:
     p.add_argument("--template", help="prompt template for the task (\\n = newline)")
     p.add_argument("--label-words", nargs="+")
     p.add_argument("--runs-dir", default="runs/probe")
+    p.add_argument("--stop-after", type=int, help="stop each run after this step (a multiple of eval_every) and "
+                   "record its partial curve; the same command without it continues the run")
     args = p.parse_args()
     common = overrides(args.base)
     if args.template:
@@ -51,11 +56,16 @@ def main() -> None:
             continue
         resume = str(run_dir) if (run_dir / "checkpoints" / "last").is_dir() else None  # killed earlier: continue it exactly
         t = time.time()
-        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume}))
-        curve = [(r["step"], r["accuracy"]) for _, r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "dev"]
-        append_jsonl(Path(args.out), {"overrides": kw, "dev_curve": curve, **summary, "wall_minutes": (time.time() - t) / 60,
+        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume}), stop_after=args.stop_after)
+        dev = [r for _, r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "dev"]
+        curve = [(r["step"], r["accuracy"]) for r in dev]
+        append_jsonl(Path(args.out), {"overrides": kw, "dev_curve": curve, "dev_loss_curve": [(r["step"], r["loss"]) for r in dev],
+                                      **summary, "wall_minutes": (time.time() - t) / 60,
                                       "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d")})
-        print(spec, "dev", curve, "test", summary["test_before"], "->", summary["test_after_best"], flush=True)
+        if "stopped_at" in summary:
+            print(spec, "stopped at step", summary["stopped_at"], "dev", curve, flush=True)
+        else:
+            print(spec, "dev", curve, "test", summary["test_before"], "->", summary["test_after_best"], flush=True)
 
 
 if __name__ == "__main__":

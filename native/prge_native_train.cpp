@@ -896,7 +896,8 @@ struct Loop {
     }
 
     double t_loop = now() - seconds, step_time = 0;
-    long end = o.stop_after ? std::min(o.steps, o.stop_after) : o.steps, timed = 0;
+    // never below the resumed step: a checkpoint must not be relabelled with an earlier step
+    long end = o.stop_after ? std::max(start, std::min(o.steps, o.stop_after)) : o.steps, timed = 0;
     double last_acc = NAN;
     auto eps = fscalar(o.eps);
     int32_t b32 = int32_t(b), t32 = int32_t(T), k32 = int32_t(K), q32 = int32_t(q);

@@ -395,7 +395,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
 
         bar = tqdm(total=steps, initial=start, desc="device-train", unit="step", dynamic_ncols=True, file=sys.stderr)
     t_loop = time.time() - state["seconds"]
-    end = min(steps, stop_after) if stop_after else steps
+    end = max(start, min(steps, stop_after)) if stop_after else steps  # never below the resumed step
     last_acc = None
     eps_t = _f(eps)
     step = start

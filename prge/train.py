@@ -261,7 +261,7 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     bar = progress(cfg, start)
     t_loop = time.time() - state["seconds"]
     last_acc = None
-    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    end = max(start, min(cfg.steps, stop_after)) if stop_after else cfg.steps  # never below the resumed step
     for step in range(start + 1, end + 1):
         t = time.time()
         batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id).to(cfg.device)

@@ -223,6 +223,9 @@ def test_resume_is_bit_exact(prog, device_run):
     out = prog["root"] / "run_resumed"
     kw = dict(steps=6, lr=LR, eps=EPS, seed=SEED, eval_every=3, progress=False)
     assert device_train(prog["path"], prog["data"], out, stop_after=4, **kw)["stopped_at"] == 4
+    # a stop below the resumed step ends there at once, without relabelling the checkpoint
+    assert device_train(prog["path"], prog["data"], out, resume=True, stop_after=2, **kw)["stopped_at"] == 4
+    assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 4
     device_train(prog["path"], prog["data"], out, resume=True, **kw)
     a, b = final_b(out_full), final_b(out)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -106,6 +106,9 @@ def test_resume_is_exact(prog, runs):
     out = prog["root"] / "nat_resume"
     s = native.native_train(prog["path"], prog["data"], out, binary=prog["exe"], stop_after=4, log=lambda m: None, **KW)
     assert s["stopped_at"] == 4 and not (out / "adapter").exists()
+    # a stop below the resumed step ends there at once, without relabelling the checkpoint
+    s = native.native_train(prog["path"], prog["data"], out, binary=prog["exe"], resume=True, stop_after=2, log=lambda m: None, **KW)
+    assert s["stopped_at"] == 4
     native.native_train(prog["path"], prog["data"], out, binary=prog["exe"], resume=True, log=lambda m: None, **KW)
     assert step_losses(out) == step_losses(nat)
     assert torch.equal(native.final_b_flat(out), native.final_b_flat(nat))

@@ -65,6 +65,17 @@ def test_resume_continues_the_exact_trajectory(tiny, tmp_path, method, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_an_earlier_stop_keeps_the_checkpoint(tiny, tmp_path):
+    """Resuming at step 3 with stop_after=1 (a slice already done) stops at 3 without relabelling the checkpoint."""
+    run(cfg(tiny, tmp_path / "full"))
+    part = tmp_path / "part"
+    run(cfg(tiny, part), stop_after=3)
+    assert run(cfg(tiny, part, resume=str(part)), stop_after=1)["stopped_at"] == 3
+    assert json.loads((part / "checkpoints/last/trainer_state.json").read_text())["step"] == 3
+    run(cfg(tiny, part, resume=str(part)))
+    assert losses(part) == losses(tmp_path / "full")
+
+
 @pytest.mark.parametrize("method,extra", [("prge", {}), ("fo", {"optimizer": "sgd", "lr": 0.5})])
 def test_lr_schedule_starts_at_lr_then_decays(tiny, tmp_path, method, extra):
     """Step 1's update uses the full lr (so the first two losses agree with a constant run); later ones less."""
