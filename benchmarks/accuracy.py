@@ -29,6 +29,7 @@ the best of periodic test evaluations, which selects on test and reads higher; w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -147,18 +148,52 @@ def cmd_run(args) -> None:
         raise SystemExit(f"no {args.table} cells match --tasks/--methods/--seeds: the table has tasks "
                          f"{TABLES[args.table]['tasks']}, methods {TABLES[args.table]['methods']}, seeds {TABLES[args.table]['seeds']}")
     k, n = (int(x) for x in args.shard.split("/"))
-    todo = todo[k::n]
-    done = {(r["table"], r["task"], r["cell_method"], r["seed"]) for r in read_rows()}
-    for task, method, seed in todo:
-        if (args.table, task, method, seed) in done:
+    for task, method, seed in todo[k::n]:
+        # read before every cell: another process (the other core, or --tasks/--methods run beside) may have done it
+        if (args.table, task, method, seed) in {(r["table"], r["task"], r["cell_method"], r["seed"]) for r in read_rows()}:
             continue
-        print(f"[accuracy] {args.table}: {task} {method} seed {seed}", file=sys.stderr, flush=True)
-        res = run_cell(args.table, task, method, seed, args.data_root)
-        row = {"table": args.table, "task": task, "cell_method": method, "seed": seed, **res,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": COMMON["threads"],
-               "date": time.strftime("%Y-%m-%d")}
-        append_jsonl(RESULTS, row)
+        with cell_lock(RUNS / args.table / f"{task}-{method}-s{seed}") as mine:
+            if not mine:
+                print(f"[accuracy] {args.table}: {task} {method} seed {seed} is being run by another process; skipped",
+                      file=sys.stderr, flush=True)
+                continue
+            print(f"[accuracy] {args.table}: {task} {method} seed {seed}", file=sys.stderr, flush=True)
+            res = run_cell(args.table, task, method, seed, args.data_root)
+            row = {"table": args.table, "task": task, "cell_method": method, "seed": seed, **res,
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": COMMON["threads"],
+                   "date": time.strftime("%Y-%m-%d")}
+            append_jsonl(RESULTS, row)
     print(render(read_rows()))
+
+
+@contextlib.contextmanager
+def cell_lock(out: Path):
+    """Yields True if this process holds the cell (a `running.pid` file beside its run; one left by a process
+    that no longer exists is taken over), False if a live process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "running.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                yield False
+                return
+            except PermissionError:  # alive, another user's
+                yield False
+                return
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def read_rows() -> list[dict]:

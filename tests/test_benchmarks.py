@@ -60,3 +60,28 @@ def test_loss_gap(accuracy, tmp_path):
     b.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.41}\n{"step": 3, "loss": 0.1}\n')
     assert accuracy.loss_gap(a, b) == pytest.approx(0.01)
     assert accuracy.loss_gap(a, tmp_path / "missing.jsonl") is None
+
+
+def test_cell_lock_one_holder_and_stale_takeover(accuracy, tmp_path):
+    cell = tmp_path / "sst2-fo-s0"
+    with accuracy.cell_lock(cell) as first:
+        with accuracy.cell_lock(cell) as second:  # a live process (this one) holds it
+            assert first and not second
+    assert not (cell / "running.pid").exists()  # released
+    (cell / "running.pid").write_text("999999999")  # left by a process that no longer exists
+    with accuracy.cell_lock(cell) as taken:
+        assert taken
+
+
+def test_grad_energy_table_shares_and_ratio():
+    spec = importlib.util.spec_from_file_location("bench_grad_energy", ROOT / "benchmarks" / "grad_energy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+
+    grads = {"l.0.v_proj": torch.full((2, 1), 3.0), "l.1.v_proj": torch.zeros(2, 1), "l.0.up_proj": torch.ones(12, 1)}
+    rows = mod.table(grads, lambda n: n.rsplit(".", 1)[-1])
+    # v_proj: |g|² 18 of 30 in 4 of 16 values -> share 0.6 / 0.25 = 2.4; up_proj: 12 of 30 in 12 of 16 -> 0.53
+    assert [r["group"] for r in rows] == ["v_proj", "up_proj"]
+    assert rows[0]["grad_share"] == pytest.approx(0.6) and rows[0]["ratio"] == pytest.approx(2.4)
+    assert rows[1]["ratio"] == pytest.approx(0.4 / 0.75)
