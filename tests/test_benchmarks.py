@@ -85,3 +85,9 @@ def test_grad_energy_table_shares_and_ratio():
     assert [r["group"] for r in rows] == ["v_proj", "up_proj"]
     assert rows[0]["grad_share"] == pytest.approx(0.6) and rows[0]["ratio"] == pytest.approx(2.4)
     assert rows[1]["ratio"] == pytest.approx(0.4 / 0.75)
+    # with tr(H) per group: the ZO speed is the gradient share over the curvature share
+    rows = {r["group"]: r for r in mod.table(grads, lambda n: n.rsplit(".", 1)[-1], {"v_proj": 3.0, "up_proj": 1.0})}
+    assert rows["v_proj"]["zo_speed"] == pytest.approx(0.6 / 0.75) and rows["v_proj"]["lr_scale"] == pytest.approx(4 / 3)
+    assert rows["up_proj"]["zo_speed"] == pytest.approx(0.4 / 0.25) and rows["up_proj"]["lr_scale"] == pytest.approx(4.0)
+    rows = {r["group"]: r for r in mod.table(grads, lambda n: n.rsplit(".", 1)[-1], {"v_proj": 3.0, "up_proj": -0.1})}
+    assert rows["up_proj"]["zo_speed"] is None  # a non-positive estimate gives no figure
