@@ -172,28 +172,29 @@ def cell_lock(out: Path):
     that no longer exists is taken over), False if a live process holds it."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / "running.pid"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                os.kill(int(lock.read_text() or 0), 0)
-                yield False
-                return
-            except PermissionError:  # alive, another user's
-                yield False
-                return
-            except (ProcessLookupError, ValueError):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
+    if lock.exists() and not _alive(lock.read_text()):
+        lock.unlink(missing_ok=True)  # stale: its process is gone
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        yield False
         return
-    yield False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # another user's live process
+        return True
+    except (ProcessLookupError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def read_rows() -> list[dict]:

@@ -7,8 +7,8 @@ Common settings are the defaults of `prge train` plus `--base 'key=value ...'` (
 split only; the test split is evaluated once at the start and end of each run, as `prge train` does.
 Appends one JSON line per run (the run's summary, its overrides and its dev curve) to OUT.jsonl.
 A killed run resumes exactly from its last checkpoint when the same command is run again.
-`--stop-after N` runs a long point in slices (one per session): it stops after step N (rounded to a
-checkpoint: pass a multiple of eval_every) and records the curve so far, marked "stopped_at".
+`--stop-after N` runs a long point in slices (one per session): it stops after step N (a checkpoint
+is written there) and records the dev curve so far, marked "stopped_at".
 """
 
 import argparse
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--template", help="prompt template for the task (\\n = newline)")
     p.add_argument("--label-words", nargs="+")
     p.add_argument("--runs-dir", default="runs/probe")
-    p.add_argument("--stop-after", type=int, help="stop each run after this step (a multiple of eval_every) and "
+    p.add_argument("--stop-after", type=int, help="stop each run after this step and "
                    "record its partial curve; the same command without it continues the run")
     args = p.parse_args()
     common = overrides(args.base)
