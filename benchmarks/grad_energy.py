@@ -60,12 +60,8 @@ def mean_loss(s, rows, batch: int, grad: bool = False) -> torch.Tensor:
 
 
 def gradients(s, rows, batch: int) -> dict[str, torch.Tensor]:
-    """name -> mean gradient of the loss over `rows`, for each LoRA B."""
-    for p in s.params:
-        p.requires_grad_(True)
+    """name -> mean gradient of the loss over `rows`, for each LoRA B (trainable: `s` was prepared with method fo)."""
     mean_loss(s, rows, batch, grad=True)
-    for p in s.params:
-        p.requires_grad_(False)
     return {name: m.lora_B.grad.detach().clone() for name, m in lora_layers(s.model).items()}
 
 

@@ -8,12 +8,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+def bench(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return bench("accuracy")
 
 
 def row(table, task, method, seed, last, best, **extra):
@@ -74,9 +79,7 @@ def test_cell_lock_one_holder_and_stale_takeover(accuracy, tmp_path):
 
 
 def test_grad_energy_table_shares_and_ratio():
-    spec = importlib.util.spec_from_file_location("bench_grad_energy", ROOT / "benchmarks" / "grad_energy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench("grad_energy")
     import torch
 
     grads = {"l.0.v_proj": torch.full((2, 1), 3.0), "l.1.v_proj": torch.zeros(2, 1), "l.0.up_proj": torch.ones(12, 1)}
