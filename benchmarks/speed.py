@@ -421,6 +421,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     paths = []
     for name, d in latest(rows).items():
@@ -437,10 +438,12 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
                 ax2.axhline(r["peak_rss_mb"], ls="--", lw=1, color="gray" if v == "backprop" else "brown", label=LABELS[v])
         for ax, what in ((ax1, "seconds per step"), (ax2, "peak RSS (MB)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({q for (_, q) in d if q is not None}))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_ylim(bottom=0)  # linear from 0: the ratios read off the plot as drawn
             ax.set_xlabel("q (queries per step), b = 16 / q")
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
-        ax1.set_yscale("log")
         ax2.legend(fontsize=7, loc="best")
         fig.suptitle(f"{name}: one training step, q·b = 16")
         fig.tight_layout()
