@@ -149,8 +149,9 @@ def worker_engine(args, method: str) -> tuple[list[float], list[float]]:
     from executorch.runtime import Runtime
 
     from prge import estimator as est
+    from prge.device import manifest_path
 
-    manifest = json.loads(Path(str(program_path(args)) + ".json").read_text())
+    manifest = json.loads(manifest_path(program_path(args)).read_text())
     prog = Runtime.get().load_program(program_path(args))
     methods = {m: prog.load_method(m) for m in manifest["methods"]}  # all before the first call
     bt = batch(args.config, args.b, manifest["vocab_size"] if args.config != "small" else CONFIGS["small"]["vocab_size"])
@@ -223,20 +224,22 @@ def worker_et_export(args) -> dict:
     """Lower ExecuTorch's joint forward-backward program, in its own process: the training worker then
     only loads it, so its peak RSS is the training step's and not the lowering's (10.8 GB for SmolLM2)."""
     from benchmarks.et_training import export_training
+    from prge.device import manifest_path
 
     model, tok, label_ids = build(args.config, args.rank)
-    t = time.time()
     path = et_program_path(args)
     info = export_training(model, label_ids, args.q * args.b, CONFIGS[args.config]["T"], path,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
-    Path(str(path) + ".json").write_text(json.dumps({"vocab_size": model.config.vocab_size}))
-    return {**info, "export_s": time.time() - t}
+    manifest_path(path).write_text(json.dumps({"vocab_size": model.config.vocab_size}))
+    return info
 
 
 def worker_et_training(args) -> list[float]:
     from benchmarks.et_training import train_steps
+    from prge.device import manifest_path
 
-    path, manifest = et_program_path(args), Path(str(et_program_path(args)) + ".json")
+    path = et_program_path(args)
+    manifest = manifest_path(path)
     if not manifest.is_file():
         raise SystemExit(f"{manifest} is missing: the et-export worker lowers the program first")
     vocab = json.loads(manifest.read_text())["vocab_size"]
@@ -302,6 +305,8 @@ def spawn(args, worker: str) -> dict:
 
 
 def measure(args, out: Path) -> None:
+    from prge.device import manifest_path
+
     Path(args.work).mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     common = {"date": stamp, "threads": args.threads or os.cpu_count(), "rank": args.rank, "quantize": args.quantize,
@@ -320,7 +325,7 @@ def measure(args, out: Path) -> None:
             record({"config": name, "variant": "gemm", "T": T, **res})
         for v in [v for v in args.variants if v not in PER_Q]:
             info = {}
-            if v == "et-training" and (args.reexport or not Path(str(et_program_path(args)) + ".json").is_file()):
+            if v == "et-training" and (args.reexport or not manifest_path(et_program_path(args)).is_file()):
                 print(f"[{name}] et-training: exporting + lowering ...", file=sys.stderr, flush=True)
                 info = spawn(args, "et-export")
                 if "error" in info:
@@ -336,7 +341,7 @@ def measure(args, out: Path) -> None:
             args.q, args.b = q, args.qb // q
             info = {}
             if {"engine-step", "engine-forward"} & set(args.variants) and (
-                    args.reexport or not program_path(args).is_file() or not Path(str(program_path(args)) + ".json").is_file()):
+                    args.reexport or not program_path(args).is_file() or not manifest_path(program_path(args)).is_file()):
                 print(f"[{name}] q={q}: exporting + lowering ...", file=sys.stderr, flush=True)
                 info = spawn(args, "export")
                 if "error" in info:
