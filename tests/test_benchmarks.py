@@ -94,3 +94,40 @@ def test_grad_energy_table_shares_and_ratio():
     assert rows["up_proj"]["zo_speed"] == pytest.approx(0.4 / 0.25) and rows["up_proj"]["lr_scale"] == pytest.approx(4.0)
     rows = {r["group"]: r for r in mod.table(grads, lambda n: n.rsplit(".", 1)[-1], {"v_proj": 3.0, "up_proj": -0.1})}
     assert rows["up_proj"]["zo_speed"] is None  # a non-positive estimate gives no figure
+
+
+def _run(folder: Path, lr: float, method: str, dev: list[tuple[int, float, float]], g_abs: float = 0.0,
+         schedule: str = "constant", steps: int = 100, q: int = 4) -> Path:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"lr: {lr}\nlr_schedule: {schedule}\nsteps: {steps}\nmethod: {method}\nq: {q}\nbatch_size: 4\n")
+    rows = [{"step": s, "loss": 0.5, "g_abs": g_abs, "seconds": 1.0} for s in range(1, max(d[0] for d in dev) + 1)]
+    rows += [{"step": s, "split": "dev", "loss": loss, "accuracy": acc} for s, loss, acc in dev]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_zo_noise_excess_kappa_and_projection(tmp_path):
+    mod = bench("zo_noise")
+    ref = mod.load(_run(tmp_path / "sgd", 0.1, "fo", [(0, 0.5, 0.7), (10, 0.3, 0.8), (20, 0.2, 0.9)]))
+    zo = mod.load(_run(tmp_path / "zo", 0.01, "prge", [(0, 0.5, 0.7), (50, 0.45, 0.75), (300, 0.3, 0.8)], g_abs=2.0))
+    assert [d[1] for d in ref["dev"]] == pytest.approx([0.0, 1.0, 2.0])  # S = Σ lr
+    pts = sorted({(s, loss, acc) for _, s, loss, acc in ref["dev"]})
+    rows = mod.compare([(s, loss) for s, loss, _ in pts], [zo], trace=10.0)
+    # step 50: S 0.5, reference 0.4 (halfway 0.5 -> 0.3) -> excess 0.05, κ = 0.05 / (0.01·0.5) = 10;
+    # step 300 (S 3) is past the reference's last evaluation: no row
+    assert [r["step"] for r in rows] == [50]
+    assert rows[0]["excess"] == pytest.approx(0.05) and rows[0]["kappa"] == pytest.approx(10.0)
+    g2 = 4.0 / ((1 - 2 / 3.141592653589793) / 4 + 2 / 3.141592653589793)  # |g_b|² from the mean over q of |g_i|
+    assert rows[0]["kappa_model"] == pytest.approx(0.5 * g2 * 10.0 / 4)
+    # target 0.9 first reached at S* = 2: excess 0.01 needs lr 0.01 / (10·2) = 5e-4 -> 4,000 steps
+    proj = mod.projection(pts, rows, target=0.9, excess=0.01, step_seconds=1.5, budget_minutes=10)
+    assert proj["S_star"] == pytest.approx(2.0) and proj["lr"] == pytest.approx(5e-4) and proj["steps"] == pytest.approx(4000)
+    assert proj["minutes"] == pytest.approx(100)
+    # 10 minutes = 400 steps: S 1 -> 0.3 + 10·1/400 = 0.325, S 2 -> 0.2 + 10·4/400 = 0.3 (the minimum)
+    assert proj["budget"]["S"] == pytest.approx(2.0) and proj["budget"]["loss"] == pytest.approx(0.3)
+    assert mod.projection(pts, rows, target=0.95, excess=0.01, step_seconds=1.5, budget_minutes=10) is None
+    # a decaying schedule sums its own lr: linear from 0.01 over 100 steps reaches S = 0.01·(100·101/2)/100 at 100
+    lin = mod.load(_run(tmp_path / "lin", 0.01, "prge", [(0, 0.5, 0.7), (100, 0.4, 0.8)], schedule="linear"))
+    assert lin["dev"][-1][1] == pytest.approx(0.01 * 101 / 2)
