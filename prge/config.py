@@ -63,6 +63,7 @@ class TrainConfig:
     truncate: str = opt("left", "over-long prompts: left = drop tokens from the prompt's start; error = refuse", ["left", "error"])
     # run
     eval_every: int = opt(50, "evaluate on dev every N steps (0: only at the start and the end)")
+    checkpoint_every: int = opt(25, "also write checkpoints/last every N steps between evaluations, so a killed run resumes losing at most N steps (0: only at evaluations)")
     eval_batch_size: int = opt(32, "examples per evaluation forward")
     seed: int = opt(0, "seed for data sampling, LoRA A initialisation, and noise")
     dtype: str = opt("float32", "model weights dtype (keep float32 for zeroth-order on CPU)", ["float32", "bfloat16", "float16"])
@@ -80,6 +81,8 @@ class TrainConfig:
         if self.batch_size < 1 or self.steps < 0:
             raise PrgeError("batch size must be >= 1 and steps >= 0", "fix --batch-size / --steps")
         check_schedule(self.lr_schedule)
+        if self.checkpoint_every < 0 or self.eval_every < 0:
+            raise PrgeError("--checkpoint-every and --eval-every must be >= 0", "pass 0 to turn them off, or a number of steps")
         if self.normalize and self.q < 2 and self.method != "fo":
             raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)", "pass --q 2 or more, or drop --normalize")
         if self.tune == "lora" and self.method != "fo":

@@ -9,7 +9,8 @@ Run folder layout (`runs/<task>-<method>-<time>/` unless --out):
     config.yaml          the resolved configuration
     metrics.jsonl        one row per step ({"step","loss","g_abs","seconds"}) and per evaluation
     curves.png           training loss and dev accuracy
-    checkpoints/last/    PEFT adapter + trainer_state.json (+ optimizer.pt for Adam): resume from here
+    checkpoints/last/    PEFT adapter + trainer_state.json (+ optimizer.pt for Adam): resume from here;
+                         written after the first evaluations, at every evaluation and every --checkpoint-every steps
     checkpoints/best/    the same, at the best dev accuracy seen: the adapter to use
     summary.json         before/after accuracies, steps, minutes
 """
@@ -257,6 +258,7 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         log(f"before training: test accuracy {before['accuracy']:.4f} (n={before['n']}), dev {dev0['accuracy']:.4f} "
             f"[{time.time() - t0:.0f} s]")
         save_checkpoint(s, ckpts / "best", 0, state, optimizer)
+        save_checkpoint(s, ckpts / "last", 0, state, optimizer)  # a kill before the first step keeps the evaluations
 
     bar = progress(cfg, start)
     t_loop = time.time() - state["seconds"]
@@ -277,6 +279,9 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 save_checkpoint(s, ckpts / "best", step, state, optimizer)
             save_checkpoint(s, ckpts / "last", step, state, optimizer)
             plot(metrics, run_dir / "curves.png")
+        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
+            state["seconds"] = time.time() - t_loop
+            save_checkpoint(s, ckpts / "last", step, state, optimizer)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if last_acc is None else f"{last_acc:.3f}")

@@ -198,3 +198,44 @@ def test_eval_and_merge_commands(tiny, tmp_path, capsys):
     merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert merged["test"]["accuracy"] == res["test"]["accuracy"]
     assert abs(merged["test"]["loss"] - res["test"]["loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("kill_at", [1, 5])
+def test_a_kill_between_evaluations_resumes_from_the_periodic_checkpoint(tiny, tmp_path, monkeypatch, kill_at):
+    """A run killed at step `kill_at` with no evaluation since the start resumes from the last
+    --checkpoint-every checkpoint (step 0 right after the before-training evaluations, or step 4),
+    not from scratch, and continues the uninterrupted trajectory exactly."""
+    import prge.train as train
+
+    kw = dict(eval_every=0, checkpoint_every=2)
+    evaluations = []
+    real_eval = train.Setup.evaluate
+    monkeypatch.setattr(train.Setup, "evaluate", lambda self, rows: evaluations.append(len(rows)) or real_eval(self, rows))
+    run(cfg(tiny, tmp_path / "full", **kw))
+    uninterrupted = len(evaluations)
+    real = train.one_step
+
+    def dies(s, batch, step, optimizer):
+        if step == kill_at:
+            raise KeyboardInterrupt("killed")
+        return real(s, batch, step, optimizer)
+
+    monkeypatch.setattr(train, "one_step", dies)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tiny, part, **kw))
+    saved = json.loads((part / "checkpoints/last/trainer_state.json").read_text())["step"]
+    assert saved == (0 if kill_at == 1 else 4)
+    monkeypatch.setattr(train, "one_step", real)
+    evaluations.clear()
+    summary = run(cfg(tiny, part, resume=str(part), **kw))
+    assert losses(part) == losses(tmp_path / "full")
+    assert len(evaluations) == uninterrupted - 2  # the before-training test and dev evaluations were kept, not redone
+    assert summary["test_before"] == json.loads((tmp_path / "full" / "summary.json").read_text())["test_before"]
+
+
+def test_negative_checkpoint_every_is_refused(tiny, tmp_path):
+    from prge.errors import PrgeError
+
+    with pytest.raises(PrgeError, match="checkpoint-every"):
+        run(cfg(tiny, tmp_path / "r", checkpoint_every=-1).check())
