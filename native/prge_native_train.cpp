@@ -2,7 +2,7 @@
 // ExecuTorch runtime, its optimized kernels and the XNNPACK backend from the executorch pip wheel.
 //
 //   prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR
-//                     --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--normalize]
+//                     --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--checkpoint-every C] [--normalize]
 //                     [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K]
 //
 // Inputs: X.pte and its manifest X.pte.json (written together by `prge export`), the pre-tokenised
@@ -540,7 +540,7 @@ Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t 
 
 struct Options {
   std::string program, data, plan, out;
-  long steps = -1, eval_every = 50, stop_after = 0;
+  long steps = -1, eval_every = 50, checkpoint_every = 25, stop_after = 0;
   double lr = NAN, eps = NAN;
   std::string lr_schedule = "constant";
   long long seed = 0;
@@ -549,7 +549,7 @@ struct Options {
 
 const char* USAGE =
     "usage: prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR\n"
-    "                         --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--normalize]\n"
+    "                         --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--checkpoint-every C] [--normalize]\n"
     "                         [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K]\n";
 
 Options parse_args(int argc, char** argv) {
@@ -571,6 +571,7 @@ Options parse_args(int argc, char** argv) {
       else if (a == "--lr-schedule") o.lr_schedule = num(i, a);
       else if (a == "--seed") o.seed = std::stoll(num(i, a));
       else if (a == "--eval-every") o.eval_every = std::stol(num(i, a));
+      else if (a == "--checkpoint-every") o.checkpoint_every = std::stol(num(i, a));
       else if (a == "--stop-after") o.stop_after = std::stol(num(i, a));
       else if (a == "--normalize") o.normalize = true;
       else if (a == "--resume") o.resume = true;
@@ -584,8 +585,8 @@ Options parse_args(int argc, char** argv) {
   }
   if (o.program.empty() || o.data.empty() || o.plan.empty() || o.out.empty() || o.steps < 0 || std::isnan(o.lr) || std::isnan(o.eps))
     throw Fail("--program, --data, --plan, --out, --steps, --lr and --eps are required", 2);
-  if (!(o.eps > 0) || o.eval_every < 0 || o.stop_after < 0)
-    throw Fail("bad loop settings: pass --eps > 0, --eval-every >= 0, --stop-after >= 0", 2);
+  if (!(o.eps > 0) || o.eval_every < 0 || o.checkpoint_every < 0 || o.stop_after < 0)
+    throw Fail("bad loop settings: pass --eps > 0, --eval-every >= 0, --checkpoint-every >= 0, --stop-after >= 0", 2);
   if (o.lr_schedule != "constant" && o.lr_schedule != "linear" && o.lr_schedule != "cosine")
     throw Fail("unknown --lr-schedule " + o.lr_schedule + " (constant, linear or cosine)", 2);
   return o;
@@ -893,6 +894,7 @@ struct Loop {
         fprintf(stderr, "before training: dev accuracy %.4f (n=%lld)\n", e.acc, (long long)e.n);
       }
       save_checkpoint(ckpts + "/best", 0, g);
+      save_checkpoint(ckpts + "/last", 0, g);  // a kill before the first step keeps the evaluation
     }
 
     double t_loop = now() - seconds, step_time = 0;
@@ -947,6 +949,9 @@ struct Loop {
             save_checkpoint(ckpts + "/best", step, g);
           }
         }
+        save_checkpoint(ckpts + "/last", step, g);
+      } else if (o.checkpoint_every && step % o.checkpoint_every == 0 && step < end) {
+        seconds = now() - t_loop;
         save_checkpoint(ckpts + "/last", step, g);
       }
     }

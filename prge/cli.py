@@ -177,11 +177,12 @@ def cmd_device_train(args) -> int:
         from prge.native import native_train
 
         native_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule)
+                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule,
+                     checkpoint_every=args.checkpoint_every)
         return 0
     device_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
                  eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule,
-                 progress=args.progress)
+                 checkpoint_every=args.checkpoint_every, progress=args.progress)
     return 0
 
 
@@ -260,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 with a quantised base)")
     d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
     d.add_argument("--eval-every", type=int, default=50, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
+    d.add_argument("--checkpoint-every", type=int, default=25,
+                   help="also write checkpoints/last every N steps between evaluations, so a killed run resumes "
+                        "losing at most N steps (0: only at evaluations)")
     d.add_argument("--normalize", action="store_true",
                    help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2)")
     d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")

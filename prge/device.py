@@ -13,7 +13,9 @@ Run folder (`out_dir`):
     metrics.jsonl            one row per step ({"step","loss","g_abs","seconds"}) and per evaluation
     checkpoints/last/        state.safetensors (the program's raw state: the ± copies and ε, plus g),
                              trainer_state.json (step, seed, lr, eps, program hash, best accuracy),
-                             and the adapter of that step (PEFT files): resume from here
+                             and the adapter of that step (PEFT files): resume from here; written
+                             after the first evaluation, at every evaluation and every
+                             `checkpoint_every` steps
     checkpoints/best/        the PEFT adapter at the best dev accuracy seen
     adapter/                 the final adapter (PEFT: adapter_config.json + adapter_model.safetensors)
     summary.json
@@ -325,7 +327,7 @@ def _log(msg: str) -> None:
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
-                 stop_after: int | None = None, log=_log) -> dict:
+                 stop_after: int | None = None, checkpoint_every: int = 25, log=_log) -> dict:
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
@@ -333,11 +335,13 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     decays the lr over `steps`; the update made from step t's g, applied by call t + 1 (or folded in by
     evaluate / read_state), gets the lr of step t, as in the eager trainer. `stop_after` ends early after
     that step with a checkpoint (tests use it to simulate an interruption). With `resume`, continue
-    from out_dir/checkpoints/last exactly.
+    from out_dir/checkpoints/last exactly. checkpoints/last is written after the before-training
+    evaluation, at every evaluation and every `checkpoint_every` steps between them (0: evaluations
+    only), so a killed run loses at most that many steps, as in `prge train`.
     """
-    if steps < 0 or not eps > 0 or eval_every < 0:
-        raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}",
-                        "pass --steps >= 0, --eps > 0, --eval-every >= 0")
+    if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
+        raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}, checkpoint_every={checkpoint_every}",
+                        "pass --steps >= 0, --eps > 0, --eval-every >= 0, --checkpoint-every >= 0")
     check_schedule(lr_schedule)
 
     def lr_of(step: int) -> float:  # the lr of the pending update made from step `step`'s g
@@ -388,6 +392,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
             io.append_jsonl(metrics, {"step": 0, "split": "dev", **ev})
             log(f"before training: dev accuracy {ev['accuracy']:.4f} (n={ev['n']})")
         save_checkpoint(ckpts / "best", engine, lora_a, 0, g, state, lr_of(0))
+        save_checkpoint(ckpts / "last", engine, lora_a, 0, g, state, lr_of(0))  # a kill before the first step keeps the evaluation
 
     bar = None
     if progress and steps:
@@ -422,6 +427,9 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                 if ev["accuracy"] > state["best_accuracy"]:
                     state["best_accuracy"], state["best_step"] = ev["accuracy"], step
                     save_checkpoint(ckpts / "best", engine, lora_a, step, g, state, lr_of(step))
+            save_checkpoint(ckpts / "last", engine, lora_a, step, g, state, lr_of(step))
+        elif checkpoint_every and step % checkpoint_every == 0 and step < end:
+            state["seconds"] = time.time() - t_loop
             save_checkpoint(ckpts / "last", engine, lora_a, step, g, state, lr_of(step))
         if bar is not None:
             bar.update(1)

@@ -126,7 +126,7 @@ def _b_to_adapter(folder: Path, manifest: dict, lora_a: dict) -> None:
 def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", stop_after: int | None = None,
-                 binary: str | os.PathLike | None = None,
+                 checkpoint_every: int = 25, binary: str | os.PathLike | None = None,
                  threads: int | None = None, log=None) -> dict:
     """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -146,7 +146,7 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps)
     cmd = [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
            "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
-           "--eval-every", str(eval_every), "--lr-schedule", lr_schedule]
+           "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every), "--lr-schedule", lr_schedule]
     cmd += ["--normalize"] if normalize else []
     cmd += ["--resume"] if resume else []
     cmd += ["--stop-after", str(stop_after)] if stop_after else []

@@ -235,6 +235,40 @@ def test_resume_is_bit_exact(prog, device_run):
         device_train(prog["path"], prog["data"], out, resume=True, **{**kw, "seed": 1})
 
 
+@pytest.mark.parametrize("kill_at", [1, 5])
+def test_a_kill_between_evaluations_resumes_from_the_periodic_checkpoint(prog, device_run, monkeypatch, kill_at):
+    """With no evaluation until the end, a run killed at step `kill_at` resumes from the last
+    --checkpoint-every checkpoint (step 0, written right after the before-training evaluation, or
+    step 4), and ends on the bits of the uninterrupted run (which evaluated every 3 steps and wrote
+    no periodic checkpoint: neither changes the trajectory)."""
+    from prge.device import Engine
+
+    out_full, _ = device_run
+    out = prog["root"] / f"run_killed_{kill_at}"
+    kw = dict(steps=6, lr=LR, eps=EPS, seed=SEED, eval_every=0, checkpoint_every=2, progress=False)
+    real, calls = Engine.__call__, []
+
+    def dies(self, method, *inputs):
+        if method == "train_step":
+            calls.append(1)
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt("killed")
+        return real(self, method, *inputs)
+
+    monkeypatch.setattr(Engine, "__call__", dies)
+    with pytest.raises(KeyboardInterrupt):
+        device_train(prog["path"], prog["data"], out, **kw)
+    assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == (0 if kill_at == 1 else 4)
+    monkeypatch.setattr(Engine, "__call__", real)
+    device_train(prog["path"], prog["data"], out, resume=True, **kw)
+    assert [x["step"] for x in rows(out) if x.get("split") == "dev"] == [0, 6]  # the first evaluation was kept, not redone
+    assert [x["loss"] for x in rows(out) if "split" not in x] == [x["loss"] for x in rows(out_full) if "split" not in x]
+    a, b = final_b(out_full), final_b(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(PrgeError, match="checkpoint-every"):
+        device_train(prog["path"], prog["data"], out, **{**kw, "checkpoint_every": -1})
+
+
 def test_nan_loss_names_the_step_and_keeps_the_checkpoint(prog):
     out = prog["root"] / "run_nan"
     with pytest.raises(PrgeError, match=r"non-finite loss at step \d+"):

@@ -123,6 +123,39 @@ def test_native_resumes_a_python_checkpoint(prog, runs):
     assert max(float((bp[k] - bn[k]).abs().max()) for k in bp) <= 1e-5
 
 
+def test_a_killed_binary_resumes_from_the_periodic_checkpoint(prog, tmp_path):
+    """SIGKILL the binary mid-run (no evaluation until the end, --checkpoint-every 2): checkpoints/last
+    holds an even step short of the end, and resuming from it ends on the uninterrupted run's losses."""
+    import signal
+    import time
+
+    steps, n_train = 300, 10
+    kw = dict(steps=steps, lr=1e-3, eps=EPS, seed=SEED, eval_every=0, checkpoint_every=2)
+    full = tmp_path / "full"
+    native.native_train(prog["path"], prog["data"], full, binary=prog["exe"], log=lambda m: None, **kw)
+    plan = native.write_plan(tmp_path / "plan.safetensors", n_train, B, SEED, steps)
+    out = tmp_path / "part"
+    cmd = [str(prog["exe"]), "--program", str(prog["path"]), "--data", str(prog["data"]), "--plan", str(plan),
+           "--out", str(out), "--steps", str(steps), "--lr", "0.001", "--eps", str(EPS), "--seed", str(SEED),
+           "--eval-every", "0", "--checkpoint-every", "2"]
+    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    while p.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"g_abs"') >= 5:  # step 5 ran, so step 4's checkpoint is written
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["step"]
+    assert saved % 2 == 0 and 4 <= saved < steps
+    native.native_train(prog["path"], prog["data"], out, binary=prog["exe"], resume=True, log=lambda m: None, **kw)
+    assert step_losses(out) == step_losses(full)
+    assert torch.equal(native.final_b_flat(out), native.final_b_flat(full))
+    (tmp_path / "neg").mkdir()
+    r = run_bin(prog, tmp_path / "neg", **{"checkpoint-every": -1})
+    assert r.returncode == 2 and "--checkpoint-every >= 0" in r.stderr and not (tmp_path / "neg" / "out").exists()
+
+
 def run_bin(prog, tmp_path, **over):
     args = {"program": prog["path"], "data": prog["data"], "plan": tmp_path / "plan.safetensors", "out": tmp_path / "out"}
     args.update(over)
