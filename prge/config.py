@@ -44,7 +44,7 @@ class TrainConfig:
     q: int = opt(4, "zeroth-order queries per step (perturbation directions)")
     batch_size: int = opt(4, "examples per step (each query sees the same b examples; the forward batch is 2·q·b)")
     steps: int = opt(200, "training steps (200: where the dev accuracy of the default SST-2 run peaked, see docs/evidence.md)")
-    lr: float = opt(3e-3, "learning rate")
+    lr: float = opt(3e-3, "learning rate (zeroth-order: for more --steps lower it as steps^(-2/3): 3e-3 at 200 steps, 6e-4 at 2500; docs/evidence.md 2d)")
     lr_schedule: str = opt("constant", "learning-rate schedule over --steps: constant, or a linear / cosine decay from --lr towards 0", list(LR_SCHEDULES))
     eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
     normalize: bool = opt(False, "zeroth-order: divide each loss difference by the spread (std) of the step's 2q losses instead of by 2ε (needs q >= 2)")
