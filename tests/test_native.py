@@ -129,15 +129,12 @@ def test_a_killed_binary_resumes_from_the_periodic_checkpoint(prog, tmp_path):
     import signal
     import time
 
-    steps, n_train = 300, 10
+    steps = 300
     kw = dict(steps=steps, lr=1e-3, eps=EPS, seed=SEED, eval_every=0, checkpoint_every=2)
     full = tmp_path / "full"
     native.native_train(prog["path"], prog["data"], full, binary=prog["exe"], log=lambda m: None, **kw)
-    plan = native.write_plan(tmp_path / "plan.safetensors", n_train, B, SEED, steps)
     out = tmp_path / "part"
-    cmd = [str(prog["exe"]), "--program", str(prog["path"]), "--data", str(prog["data"]), "--plan", str(plan),
-           "--out", str(out), "--steps", str(steps), "--lr", "0.001", "--eps", str(EPS), "--seed", str(SEED),
-           "--eval-every", "0", "--checkpoint-every", "2"]
+    cmd = bin_cmd(prog, tmp_path, steps=steps, lr=1e-3, out=out, **{"eval-every": 0, "checkpoint-every": 2})
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     while p.poll() is None:
@@ -156,14 +153,19 @@ def test_a_killed_binary_resumes_from_the_periodic_checkpoint(prog, tmp_path):
     assert r.returncode == 2 and "--checkpoint-every >= 0" in r.stderr and not (tmp_path / "neg" / "out").exists()
 
 
-def run_bin(prog, tmp_path, **over):
-    args = {"program": prog["path"], "data": prog["data"], "plan": tmp_path / "plan.safetensors", "out": tmp_path / "out"}
+def bin_cmd(prog, tmp_path, steps=STEPS, lr=LR, **over):
+    """The binary's command line on the module's program; `over` replaces or adds flags (a plan for `steps`
+    steps is written under tmp_path unless one is given)."""
+    args = {"program": prog["path"], "data": prog["data"], "plan": tmp_path / "plan.safetensors", "out": tmp_path / "out",
+            "steps": steps, "lr": lr, "eps": EPS, "seed": SEED}
     args.update(over)
     if not Path(args["plan"]).exists() and over.get("plan") is None:
-        native.write_plan(args["plan"], 10, B, SEED, STEPS)
-    cmd = [str(prog["exe"])] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    cmd += ["--steps", str(STEPS), "--lr", str(LR), "--eps", str(EPS), "--seed", str(SEED)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        native.write_plan(args["plan"], 10, B, SEED, steps)
+    return [str(prog["exe"])] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run_bin(prog, tmp_path, **over):
+    return subprocess.run(bin_cmd(prog, tmp_path, **over), capture_output=True, text=True, timeout=120)
 
 
 def corrupt_copy(src: Path, dest: Path, keep: int | None = None, garbage: bool = False) -> Path:
