@@ -9,6 +9,7 @@ inside the engine, on SmolLM2-135M (issue 6, part 3).
     python benchmarks/accuracy.py run --table main --tasks sst2 --seeds 1   # only some cells
     python benchmarks/accuracy.py run --table engine         # the engine run beside its eager twin (slow: lowering)
     python benchmarks/accuracy.py render                     # the tables from benchmarks/results/accuracy.jsonl
+    python benchmarks/accuracy.py plot                       # dev curves of the main table -> accuracy-main.png
 
 Every cell is one `prge train` run (`prge export` + `prge device-train` + `prge eval` for the engine)
 in runs/accuracy/<table>/<task>-<method>-s<seed>/. A finished cell is skipped; a cell killed half-way
@@ -46,6 +47,8 @@ if str(ROOT) not in sys.path:
 from prge.io import append_jsonl, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
+CURVES = ROOT / "benchmarks" / "results" / "accuracy_curves.jsonl"  # each finished cell's dev evaluations
+PLOT = ROOT / "benchmarks" / "results" / "accuracy-main.png"
 RUNS = ROOT / "runs" / "accuracy"
 
 ZO_STEPS = 300  # every zeroth-order cell (9,600 row-forwards); equal forward passes across ZO methods
@@ -163,6 +166,7 @@ def cmd_run(args) -> None:
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": COMMON["threads"],
                    "date": time.strftime("%Y-%m-%d")}
             append_jsonl(RESULTS, row)
+            record_curves([row])
     print(render(read_rows()))
 
 
@@ -195,6 +199,72 @@ def _alive(pid: str) -> bool:
     except (ProcessLookupError, ValueError, OverflowError):
         return False
     return True
+
+
+def dev_curve(metrics: Path) -> list[dict]:
+    """A run's dev evaluations, each with the minutes of training steps before it (the sum of the steps'
+    own seconds: evaluation time is left out, so methods with different evaluation costs compare fairly).
+    A resumed run may have logged a step twice (once before the kill, once after): the last one counts."""
+    steps, devs = {}, {}
+    for _, r in read_jsonl(metrics):
+        if r.get("split") == "dev":
+            devs[r["step"]] = r
+        elif "split" not in r and "seconds" in r:
+            steps[r["step"]] = r["seconds"]
+    return [{"step": k, "train_minutes": sum(v for s, v in steps.items() if s <= k) / 60,
+             "accuracy": devs[k]["accuracy"], "loss": devs[k]["loss"]} for k in sorted(devs)]
+
+
+def record_curves(rows: list[dict]) -> int:
+    """Appends to CURVES the dev curve of every row that has none yet and whose run folder is here; returns
+    how many were added. The run folders (runs/) are not committed, the curves file is."""
+    have = {(c["table"], c["task"], c["cell_method"], c["seed"]) for _, c in read_jsonl(CURVES)} if CURVES.is_file() else set()
+    added = 0
+    for r in rows:
+        key = (r["table"], r["task"], r["cell_method"], r["seed"])
+        run_dir = ROOT / r["run_dir"]
+        metrics = run_dir / ("train" if r["cell_method"] == "engine-q4" else "") / "metrics.jsonl"
+        if key in have or not metrics.is_file():
+            continue
+        append_jsonl(CURVES, dict(zip(("table", "task", "cell_method", "seed"), key), dev=dev_curve(metrics)))
+        have.add(key)
+        added += 1
+    return added
+
+
+def plot(curves: list[dict], path: Path) -> Path:
+    """Dev accuracy and dev loss against minutes of training steps, one row of panels per main-table task:
+    a thin line per seed, a thick one through the seeds' means at each evaluation step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = TABLES["main"]["tasks"]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    colors = dict(zip(TABLES["main"]["methods"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for (ax_acc, ax_loss), task in zip(axes, tasks):
+        for m in TABLES["main"]["methods"]:
+            cs = [c["dev"] for c in curves if (c["table"], c["task"], c["cell_method"]) == ("main", task, m)]
+            if not cs:
+                continue
+            for ax, key, scale in ((ax_acc, "accuracy", 100), (ax_loss, "loss", 1)):
+                for c in cs:
+                    ax.plot([e["train_minutes"] for e in c], [scale * e[key] for e in c], "-", color=colors[m], lw=0.7, alpha=0.4)
+                common = sorted(set.intersection(*({e["step"] for e in c} for c in cs)))
+                at = [[next(e for e in c if e["step"] == k) for c in cs] for k in common]
+                ax.plot([statistics.mean(e["train_minutes"] for e in es) for es in at],
+                        [scale * statistics.mean(e[key] for e in es) for es in at], "o-", color=colors[m], lw=2,
+                        label=f"{m} ({len(cs)} seed{'s' if len(cs) > 1 else ''})")
+        ax_acc.set(title=f"{task}: dev accuracy", xlabel="minutes of training steps (1 thread)", ylabel="dev accuracy (%)")
+        ax_loss.set(title=f"{task}: dev loss", xlabel="minutes of training steps (1 thread)", ylabel="dev loss (class cross-entropy)")
+        ax_acc.legend(fontsize=8)
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def read_rows() -> list[dict]:
@@ -299,10 +369,15 @@ def main() -> None:
     r.add_argument("--seeds", nargs="+", type=int, help="only these seeds of the table")
     r.add_argument("--data-root")
     sub.add_parser("render", help="print the tables from the results file")
+    sub.add_parser("plot", help=f"draw the main table's dev curves into {PLOT.relative_to(ROOT)} (collecting the curves "
+                                f"of finished cells whose run folders are here into {CURVES.relative_to(ROOT)})")
     args = p.parse_args()
     if args.cmd == "run":
         RUNS.mkdir(parents=True, exist_ok=True)
         cmd_run(args)
+    elif args.cmd == "plot":
+        added = record_curves(read_rows())
+        print(f"{added} new curve(s) recorded; plot: {plot([c for _, c in read_jsonl(CURVES)], PLOT)}")
     else:
         print(render(read_rows()))
 

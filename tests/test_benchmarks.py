@@ -1,6 +1,7 @@
 """The accuracy-table script's bookkeeping: which cells run, and how the issue's figures are judged."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,28 @@ def test_loss_gap(accuracy, tmp_path):
     assert accuracy.loss_gap(a, tmp_path / "missing.jsonl") is None
 
 
+def test_dev_curve_and_record_curves(accuracy, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "sst2-prge-q4-s0"
+    run.mkdir(parents=True)
+    lines = ['{"step": 0, "split": "dev", "accuracy": 0.5, "loss": 0.7}', '{"step": 1, "loss": 0.6, "seconds": 60}',
+             '{"step": 2, "loss": 0.5, "seconds": 30}', '{"step": 2, "loss": 0.5, "seconds": 90}',  # step 2 again after a resume
+             '{"step": 2, "split": "dev", "accuracy": 0.6, "loss": 0.65}', '{"step": 2, "split": "test", "accuracy": 0.9, "loss": 0}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    curve = accuracy.dev_curve(run / "metrics.jsonl")
+    assert [(c["step"], c["accuracy"], c["loss"]) for c in curve] == [(0, 0.5, 0.7), (2, 0.6, 0.65)]
+    assert [c["train_minutes"] for c in curve] == [0, pytest.approx(2.5)]  # 60 s + the resumed step's 90 s
+    monkeypatch.setattr(accuracy, "ROOT", tmp_path)
+    monkeypatch.setattr(accuracy, "CURVES", tmp_path / "curves.jsonl")
+    rows = [row("main", "sst2", "prge-q4", 0, 0.8, 0.8, run_dir="runs/sst2-prge-q4-s0"),
+            row("main", "sst2", "fo", 0, 0.8, 0.8, run_dir="runs/sst2-fo-s0")]  # no run folder here: skipped
+    assert accuracy.record_curves(rows) == 1
+    assert accuracy.record_curves(rows) == 0  # recorded once
+    recorded = (tmp_path / "curves.jsonl").read_text().splitlines()
+    assert len(recorded) == 1 and '"cell_method": "prge-q4"' in recorded[0]
+    png = accuracy.plot([json.loads(recorded[0])], tmp_path / "p.png")
+    assert png.stat().st_size > 1000
+
+
 def test_cell_lock_one_holder_and_stale_takeover(accuracy, tmp_path):
     cell = tmp_path / "sst2-fo-s0"
     with accuracy.cell_lock(cell) as first:
@@ -98,8 +121,6 @@ def test_grad_energy_table_shares_and_ratio():
 
 def _run(folder: Path, lr: float, method: str, dev: list[tuple[int, float, float]], g_abs: float = 0.0,
          schedule: str = "constant", steps: int = 100, q: int = 4) -> Path:
-    import json
-
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"lr: {lr}\nlr_schedule: {schedule}\nsteps: {steps}\nmethod: {method}\nq: {q}\nbatch_size: 4\n")
     rows = [{"step": s, "loss": 0.5, "g_abs": g_abs, "seconds": 1.0} for s in range(1, max(d[0] for d in dev) + 1)]
