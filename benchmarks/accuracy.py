@@ -9,6 +9,7 @@ inside the engine, on SmolLM2-135M (issue 6, part 3).
     python benchmarks/accuracy.py run --table main --tasks sst2 --seeds 1   # only some cells
     python benchmarks/accuracy.py run --table engine         # the engine run beside its eager twin (slow: lowering)
     python benchmarks/accuracy.py render                     # the tables from benchmarks/results/accuracy.jsonl
+    python benchmarks/accuracy.py render --into docs/evidence.md   # ... rewritten in place between its markers
     python benchmarks/accuracy.py plot                       # dev curves of the main table -> accuracy-main.png
 
 Every cell is one `prge train` run (`prge export` + `prge device-train` + `prge eval` for the engine)
@@ -44,11 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prge.io import append_jsonl, read_jsonl  # noqa: E402
+from prge.io import append_jsonl, atomic_write_text, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 CURVES = ROOT / "benchmarks" / "results" / "accuracy_curves.jsonl"  # each finished cell's dev evaluations
 PLOT = ROOT / "benchmarks" / "results" / "accuracy-main.png"
+BEGIN, END = "<!-- accuracy tables: begin (benchmarks/accuracy.py render --into) -->", "<!-- accuracy tables: end -->"
 RUNS = ROOT / "runs" / "accuracy"
 
 ZO_STEPS = 300  # every zeroth-order cell (9,600 row-forwards); equal forward passes across ZO methods
@@ -307,6 +309,18 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out + figures(rows))
 
 
+def splice(path: Path, tables: str) -> None:
+    """Replace what lies between the BEGIN and END marker lines of a Markdown file with `tables`, written
+    atomically, so the document's tables are the rendered ones and never a hand copy."""
+    text = path.read_text(encoding="utf-8")
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: needs exactly one line {BEGIN!r} followed later by one line {END!r} "
+                         f"around the tables to replace; add them (an empty block is fine) and rerun")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    atomic_write_text(path, f"{head}{BEGIN}\n\n{tables.strip()}\n\n{END}{tail}")
+
+
 def _row(task: str, method: str, mr: list[dict]) -> str:
     if not mr:
         return f"| {task} | {method} | 0 | not run yet | | |"
@@ -368,7 +382,9 @@ def main() -> None:
     r.add_argument("--methods", nargs="+", help="only these methods of the table (e.g. prge-q4 mezo-q1)")
     r.add_argument("--seeds", nargs="+", type=int, help="only these seeds of the table")
     r.add_argument("--data-root")
-    sub.add_parser("render", help="print the tables from the results file")
+    rd = sub.add_parser("render", help="print the tables from the results file (or write them into a document)")
+    rd.add_argument("--into", type=Path, help="a Markdown file whose block between the lines "
+                                             f"{BEGIN!r} and {END!r} is replaced with the tables")
     sub.add_parser("plot", help=f"draw the main table's dev curves into {PLOT.relative_to(ROOT)} (collecting the curves "
                                 f"of finished cells whose run folders are here into {CURVES.relative_to(ROOT)})")
     args = p.parse_args()
@@ -378,6 +394,9 @@ def main() -> None:
     elif args.cmd == "plot":
         added = record_curves(read_rows())
         print(f"{added} new curve(s) recorded; plot: {plot([c for _, c in read_jsonl(CURVES)], PLOT)}")
+    elif args.into:
+        splice(args.into, render(read_rows()))
+        print(f"tables written into {args.into}")
     else:
         print(render(read_rows()))
 

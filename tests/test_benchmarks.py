@@ -90,6 +90,20 @@ def test_dev_curve_and_record_curves(accuracy, tmp_path, monkeypatch):
     assert png.stat().st_size > 1000
 
 
+def test_splice_replaces_only_the_marked_block(accuracy, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\nintro\n{accuracy.BEGIN}\nold table\n{accuracy.END}\n\nReading it: kept\n")
+    accuracy.splice(doc, "| new | table |\n")
+    assert doc.read_text() == f"# Title\nintro\n{accuracy.BEGIN}\n\n| new | table |\n\n{accuracy.END}\n\nReading it: kept\n"
+    accuracy.splice(doc, "| new | table |")  # rerunning changes nothing
+    assert doc.read_text().count("| new | table |") == 1
+    for broken in ("no markers\n", f"{accuracy.END}\n{accuracy.BEGIN}\n", f"{accuracy.BEGIN}\n{accuracy.BEGIN}\n{accuracy.END}\n"):
+        doc.write_text(broken)
+        with pytest.raises(SystemExit, match="needs exactly one line"):
+            accuracy.splice(doc, "| t |")
+        assert doc.read_text() == broken  # left untouched
+
+
 def test_cell_lock_one_holder_and_stale_takeover(accuracy, tmp_path):
     cell = tmp_path / "sst2-fo-s0"
     with accuracy.cell_lock(cell) as first:
