@@ -34,6 +34,32 @@ SST2 = [
     "Classify the sentiment of the movie review as positive or negative.\\nReview: {sentence}\\nSentiment:|| negative|| positive",
     "<|im_start|>user\\nIs this movie review positive or negative?\\n{sentence}<|im_end|>\\n<|im_start|>assistant\\n||negative||positive",
     "<|im_start|>user\\nIs this movie review positive or negative? Answer with one word.\\nReview: {sentence}<|im_end|>\\n<|im_start|>assistant\\nThe review is|| negative|| positive",
+    # second round (2026-12-01): two- and four-shot demonstrations from the train split, then variants of
+    # the first "Movie review:" line and of the answer cue; the last one of this list is the default now
+    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\n"
+    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
+    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\n"
+    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
+    "Review: manages to be compelling , amusing and unsettling at the same time\\nSentiment: positive\\n\\n"
+    "Review: is n't nearly surprising or clever enough to sustain a reasonable degree of suspense on its own\\nSentiment: negative\\n\\n"
+    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\n"
+    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
+    "Review: {sentence}\\nSentiment (positive or negative):|| negative|| positive",
+    "Movie review: {sentence}\\nSentiment:|| negative|| positive",
+    "Film review: {sentence}\\nSentiment:|| negative|| positive",
+    "Movie Review: {sentence}\\nSentiment:|| negative|| positive",
+    "Movie review: {sentence}\\nSentiment:|| bad|| good",
+    "Movie review: {sentence}\\nSentiment:|| Negative|| Positive",
+    "Movie review: {sentence}\\nOverall sentiment:|| negative|| positive",
+    "Movie review: {sentence}\\nReview sentiment:|| negative|| positive",
+    "Movie review: \"{sentence}\"\\nSentiment:|| negative|| positive",
+    "Movie review: {sentence}\\nThis movie review is|| negative|| positive",
+    "Movie review: {sentence}\\nThe sentiment of this review is|| negative|| positive",
+    "Movie review: {sentence}\\nThe sentiment of the movie review above is|| negative|| positive",
+    "Review: {sentence}\\nThe sentiment of this movie review is|| negative|| positive",
+    "Movie review: \"{sentence}\"\\nThe sentiment of this movie review is|| negative|| positive",
+    "Movie review: {sentence}\\nThe sentiment of this movie review is|| bad|| good",
+    "Movie review: {sentence}\\nThe sentiment of this movie review is|| negative|| positive",
 ]
 
 

@@ -197,6 +197,9 @@ def cmd_tasks(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from prge.config import TrainConfig
+
+    train_defaults = TrainConfig()  # device-train's loop settings default to prge train's
     p = argparse.ArgumentParser(prog="prge", description="P-RGE: fine-tune LLMs with forward passes only (arXiv 2409.15520).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -254,14 +257,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--program", required=True, help="the .pte written by `prge export`")
     d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
     d.add_argument("--out", required=True, help="run folder")
-    d.add_argument("--steps", type=int, default=200, help="training steps (total, also when resuming; 200 as prge train)")
-    d.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    d.add_argument("--steps", type=int, default=train_defaults.steps, help="training steps (total, also when resuming; as prge train)")
+    d.add_argument("--lr", type=float, default=train_defaults.lr, help="learning rate (as prge train)")
     d.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
                    help="constant, or a linear / cosine decay from --lr towards 0 over --steps (as prge train)")
-    d.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 with a quantised base)")
+    d.add_argument("--eps", type=float, default=train_defaults.eps, help="perturbation scale (>= 1e-2 with a quantised base)")
     d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
-    d.add_argument("--eval-every", type=int, default=50, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
-    d.add_argument("--checkpoint-every", type=int, default=25,
+    d.add_argument("--eval-every", type=int, default=train_defaults.eval_every, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
+    d.add_argument("--checkpoint-every", type=int, default=train_defaults.checkpoint_every,
                    help="also write checkpoints/last every N steps between evaluations, so a killed run resumes "
                         "losing at most N steps (0: only at evaluations)")
     d.add_argument("--normalize", action="store_true",

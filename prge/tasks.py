@@ -40,11 +40,13 @@ Kinds and what is learned / scored:
 
 The templates (from the paper's reference code where it has one):
 
-- `sst2`: `Review: {sentence}\\nSentiment:` + " negative" (0) / " positive" (1). Not the paper's
-  `{sentence} It was` + " terrible"/" great": on SmolLM2-135M that prompt scores 53% zero-shot on the
-  dev split (the model says " great" 98% of the time) against 78% for this one, the best of the
-  candidates screened by `benchmarks/prompts.py` (docs/evidence.md, part 2); the paper's stays one
-  flag away: `--template "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
+- `sst2`: `Movie review: {sentence}\\nThe sentiment of this movie review is` + " negative" (0) /
+  " positive" (1): on SmolLM2-135M it scores 85.6% zero-shot on the dev split (85.1% on test), the
+  best of 28 candidates screened by `benchmarks/prompts.py` on dev (docs/evidence.md, part 2a). The
+  earlier default `Review: {sentence}\\nSentiment:` (78.0% dev; part 3's SST-2 tables were measured
+  with it) and the paper's `{sentence} It was` + " terrible"/" great" (53%: the model says " great"
+  98% of the time) stay one flag away: `--template "Review: {sentence}\\nSentiment:"`, `--template
+  "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
   rows, GLUE train incl. phrase-level rows, 90%), dev pool `sst2/dev.tsv` (6,735, the other 10%),
   test `sst2/test.tsv` (the 872-row labelled GLUE dev set). Sentences are GLUE's lower-cased,
   tokenized text ("it 's a charming ... journey ."); only surrounding whitespace is stripped, the
@@ -251,7 +253,8 @@ def _fill(template: str, **fields: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # SST-2
 
-SST2_TEMPLATE = "Review: {sentence}\nSentiment:"
+SST2_TEMPLATE = "Movie review: {sentence}\nThe sentiment of this movie review is"
+EARLIER_SST2_TEMPLATE = "Review: {sentence}\nSentiment:"  # the default until 2026-12-01: part 3's SST-2 tables
 SST2_WORDS = [" negative", " positive"]
 PAPER_SST2_TEMPLATE, PAPER_SST2_WORDS = "{sentence} It was", [" terrible", " great"]  # MeZO's / the paper's
 

@@ -37,13 +37,31 @@ def test_cells_filter_and_order(accuracy):
     assert accuracy.cells("main", tasks=["boolq"]) == []
 
 
+def test_sst2_cells_keep_the_prompt_their_table_was_measured_with(accuracy, monkeypatch, tmp_path):
+    import prge.train
+    from prge.tasks import EARLIER_SST2_TEMPLATE, SST2_TEMPLATE
+
+    seen = []
+    monkeypatch.setattr(accuracy, "ROOT", tmp_path)
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(prge.train, "run", lambda cfg: seen.append(cfg) or {"task": cfg.task})
+    accuracy.run_cell("main", "sst2", "prge-q4", 0, None)
+    accuracy.run_cell("main", "rte", "mezo-q1", 1, None)
+    accuracy.run_cell("sst2-default", "sst2", "prge-q4", 0, None)
+    assert seen[0].template == EARLIER_SST2_TEMPLATE != SST2_TEMPLATE  # not the newer default
+    assert (seen[0].q, seen[0].batch_size, seen[0].steps) == (4, 4, accuracy.ZO_STEPS)
+    assert seen[1].template is None and (seen[1].method, seen[1].seed) == ("mezo", 1)
+    assert seen[2].template is None and seen[2].out.endswith("sst2-default/sst2-prge-q4-s0")  # today's default prompt
+
+
 def test_figures_met_missed_mixed(accuracy):
     rows = [row("main", "sst2", "prge-q4", 0, 0.82, 0.83), row("main", "sst2", "prge-q4", 1, 0.80, 0.81),
             row("main", "sst2", "mezo-q1", 0, 0.79, 0.84),  # P-RGE wins on final, loses on best-dev: mixed
             row("main", "sst2", "fo", 0, 0.87, 0.87),       # 82 and 83 vs 87: more than 3 points -> missed
             row("main", "rte", "prge-q4", 0, 0.60, 0.61), row("main", "rte", "mezo-q1", 0, 0.55, 0.56),
             row("main", "rte", "fo", 0, 0.62, 0.63),
-            row("engine", "sst2", "engine-q4", 0, 0.825, 0.83, max_loss_gap_vs_eager=4e-5)]
+            row("engine", "sst2", "engine-q4", 0, 0.825, 0.83, max_loss_gap_vs_eager=4e-5),
+            row("sst2-default", "sst2", "prge-q4", 0, 0.86, 0.85), row("sst2-default", "sst2", "fo", 0, 0.88, 0.89)]
     text = "\n".join(accuracy.figures(rows))
     lines = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln.split("|")[-2].strip() for ln in text.splitlines()[2:]}
     # compared on the seeds both methods finished (seed 0 here), not P-RGE's 2-seed mean against MeZO's 1
@@ -52,6 +70,9 @@ def test_figures_met_missed_mixed(accuracy):
     assert lines[("P-RGE q = 4 beats MeZO q = 1 at equal forwards", "rte")] == "met"
     assert lines[("P-RGE q = 4 within 3 points of backprop", "sst2")] == "**missed**"
     assert lines[("P-RGE q = 4 within 3 points of backprop", "rte")] == "met"
+    # the default-prompt table is judged on its own cells (86 / 85 vs 88 / 89: final within 3, best-dev not)
+    assert lines[("P-RGE q = 4 within 3 points of backprop", "sst2 (sst2-default)")] == "mixed"
+    assert ("P-RGE q = 4 beats MeZO q = 1 at equal forwards", "sst2 (sst2-default)") not in lines  # no MeZO cell there
     # the engine is compared with the eager cell of the same seed only (82 / 83), not the mean over seeds
     assert lines[("engine within 1 point of eager (same seed)", "sst2")] == "met"
     assert "82.5 vs 82.0" in text and "4.0e-05" in text

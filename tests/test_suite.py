@@ -362,7 +362,7 @@ def test_tasks_lists_the_suite(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in TASKS) and len(TASKS) == 16
-    assert "template 'Review: {sentence}\\nSentiment:' -> ' negative' / ' positive'" in out  # the fields --template names
+    assert "template 'Movie review: {sentence}\\nThe sentiment of this movie review is' -> ' negative' / ' positive'" in out  # the fields --template names
 
 
 # --- data sources and bad input ----------------------------------------------------------------------

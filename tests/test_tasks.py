@@ -28,10 +28,10 @@ def by_source(examples):
 def test_sst2_known_rows(sst2):
     test = by_source(sst2.test)
     first = test[f"{DATA / 'sst2' / 'test.tsv'}:2"]
-    assert first.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert first.prompt == "Movie review: it 's a charming and often affecting journey .\nThe sentiment of this movie review is"
     assert (first.answer, first.label) == (" positive", 1)
     second = test[f"{DATA / 'sst2' / 'test.tsv'}:3"]
-    assert second.prompt == "Review: unflinchingly bleak and desperate\nSentiment:"
+    assert second.prompt == "Movie review: unflinchingly bleak and desperate\nThe sentiment of this movie review is"
     assert (second.answer, second.label) == (" negative", 0)
     assert sst2.task.label_words == [" negative", " positive"]
     assert all(not e.prompt.endswith(" ") and e.answer == sst2.task.label_words[e.label] for e in sst2.train + sst2.dev + sst2.test)
