@@ -257,11 +257,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--program", required=True, help="the .pte written by `prge export`")
     d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
     d.add_argument("--out", required=True, help="run folder")
-    d.add_argument("--steps", type=int, default=train_defaults.steps, help="training steps (total, also when resuming; as prge train)")
-    d.add_argument("--lr", type=float, default=train_defaults.lr, help="learning rate (as prge train)")
+    d.add_argument("--steps", type=int, default=train_defaults.steps, help="training steps (total, also when resuming; default %(default)s, as prge train)")
+    d.add_argument("--lr", type=float, default=train_defaults.lr, help="learning rate (default %(default)s, as prge train)")
     d.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
                    help="constant, or a linear / cosine decay from --lr towards 0 over --steps (as prge train)")
-    d.add_argument("--eps", type=float, default=train_defaults.eps, help="perturbation scale (>= 1e-2 with a quantised base)")
+    d.add_argument("--eps", type=float, default=train_defaults.eps, help="perturbation scale (default %(default)s, as prge train; >= 1e-2 with a quantised base)")
     d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
     d.add_argument("--eval-every", type=int, default=train_defaults.eval_every, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
     d.add_argument("--checkpoint-every", type=int, default=train_defaults.checkpoint_every,

@@ -239,3 +239,12 @@ def test_negative_checkpoint_every_is_refused(tiny, tmp_path):
 
     with pytest.raises(PrgeError, match="checkpoint-every"):
         run(cfg(tiny, tmp_path / "r", checkpoint_every=-1).check())
+
+
+def test_device_train_defaults_follow_prge_train():
+    """The on-device loop's steps, lr, ε and checkpoint cadence are prge train's defaults, not a copy of them."""
+    from prge.cli import parser
+
+    d, t = parser().parse_args(["device-train", "--program", "p.pte", "--out", "o"]), TrainConfig()
+    assert (d.steps, d.lr, d.eps, d.eval_every, d.checkpoint_every) == (t.steps, t.lr, t.eps, t.eval_every, t.checkpoint_every)
+    assert t.steps == 300 and t.lr == 3e-3  # the documented default job (README, docs/evidence.md part 2)
