@@ -8,6 +8,7 @@ inside the engine, on SmolLM2-135M (issue 6, part 3).
     python benchmarks/accuracy.py run --table main --shard 1/2 &
     python benchmarks/accuracy.py run --table main --tasks sst2 --seeds 1   # only some cells
     python benchmarks/accuracy.py run --table engine         # the engine run beside its eager twin (slow: lowering)
+    python benchmarks/accuracy.py run --table sst2-default   # SST-2 from today's default prompt (the main table pins the earlier one)
     python benchmarks/accuracy.py render                     # the tables from benchmarks/results/accuracy.jsonl
     python benchmarks/accuracy.py render --into docs/evidence.md   # ... rewritten in place between its markers
     python benchmarks/accuracy.py plot                       # dev curves of the main table -> accuracy-main.png
@@ -77,7 +78,7 @@ TABLES = {
              "overrides": EARLIER_PROMPT},
     "suite": {"tasks": ["boolq", "wic", "copa", "winogrande", "squad"], "seeds": [0], "methods": ["fo", "prge-q4"]},
     "engine": {"tasks": ["sst2"], "seeds": [0], "methods": ["engine-q4"], "overrides": EARLIER_PROMPT},
-    "sst2-default": {"tasks": ["sst2"], "seeds": [0], "methods": ["prge-q4", "mezo-q1", "fo"]},
+    "sst2-default": {"tasks": ["sst2"], "seeds": [0, 1, 2], "methods": ["prge-q4", "mezo-q1", "fo"]},
 }
 PAIRED = ("main", "sst2-default")  # the tables whose P-RGE / MeZO / backprop cells the figures compare
 ENGINE_MAX_LENGTH = 64  # the program's static sequence length: the longest SST-2 train/dev row with the earlier
