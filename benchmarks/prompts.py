@@ -24,6 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# train-split rows (text, label word) used as demonstrations by the few-shot candidates
+POS_A = ("it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score", "positive")
+NEG_A = ("plays like a glossy melodrama that occasionally verges on camp .", "negative")
+POS_B = ("manages to be compelling , amusing and unsettling at the same time", "positive")
+NEG_B = ("is n't nearly surprising or clever enough to sustain a reasonable degree of suspense on its own", "negative")
+WORDS = " negative|| positive"
+
+
+def _shots(*demos: tuple[str, str]) -> str:
+    """One `Review: …\\nSentiment: word` block per demonstration, in the order given, then the row's own
+    `Review: {sentence}\\nSentiment:` (newlines written as `\\n`, like every candidate here)."""
+    return "".join(f"Review: {text}\\nSentiment: {word}\\n\\n" for text, word in demos) + "Review: {sentence}\\nSentiment:"
+
+
 SST2 = [
     "{sentence} It was|| terrible|| great",  # the paper's (MeZO's) template
     "{sentence} It was|| bad|| good",
@@ -36,14 +50,9 @@ SST2 = [
     "<|im_start|>user\\nIs this movie review positive or negative? Answer with one word.\\nReview: {sentence}<|im_end|>\\n<|im_start|>assistant\\nThe review is|| negative|| positive",
     # second round (2026-12-01): two- and four-shot demonstrations from the train split, then variants of
     # the first "Movie review:" line and of the answer cue; the last one of this list is the default now
-    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\n"
-    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
-    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\n"
-    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
-    "Review: manages to be compelling , amusing and unsettling at the same time\\nSentiment: positive\\n\\n"
-    "Review: is n't nearly surprising or clever enough to sustain a reasonable degree of suspense on its own\\nSentiment: negative\\n\\n"
-    "Review: it 's a treat -- a delightful , witty , improbable romantic comedy with a zippy jazzy score\\nSentiment: positive\\n\\n"
-    "Review: plays like a glossy melodrama that occasionally verges on camp .\\nSentiment: negative\\n\\nReview: {sentence}\\nSentiment:|| negative|| positive",
+    _shots(POS_A, NEG_A) + "||" + WORDS,
+    _shots(NEG_A, POS_A) + "||" + WORDS,
+    _shots(POS_B, NEG_B, POS_A, NEG_A) + "||" + WORDS,
     "Review: {sentence}\\nSentiment (positive or negative):|| negative|| positive",
     "Movie review: {sentence}\\nSentiment:|| negative|| positive",
     "Film review: {sentence}\\nSentiment:|| negative|| positive",
