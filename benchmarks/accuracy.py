@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from prge.io import append_jsonl, atomic_write_text, read_jsonl  # noqa: E402
-from prge.tasks import EARLIER_SST2_TEMPLATE  # noqa: E402
+from prge.data.classification import EARLIER_SST2_TEMPLATE  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy.jsonl"
 CURVES = ROOT / "benchmarks" / "results" / "accuracy_curves.jsonl"  # each finished cell's dev evaluations
@@ -101,7 +101,7 @@ def prge_cli(*args: str) -> None:
 
 def run_cell(table: str, task: str, method: str, seed: int, data_root: str | None) -> dict:
     from prge.config import TrainConfig
-    from prge.train import run
+    from prge.run.train import run
 
     out = RUNS / table / f"{task}-{method}-s{seed}"
     if method == "engine-q4":

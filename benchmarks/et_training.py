@@ -2,10 +2,10 @@
 """(e) ExecuTorch's own first-order training of the same LoRA-FA model: seconds per SGD step, peak RSS.
 
 What runs: the model of the other benchmark variants (`build(config, rank)` of benchmarks/speed.py:
-HF Llama, MP-LoRA r = 8 / alpha 16 on all 7 projections, `use(None)`: the
+HF Llama, MP-LoRA r = 8 / alpha 16 on all 7 projections, the clean B: the
 plain single-copy LoRA forward), wrapped in `LossModule`, whose forward(input_ids, target_pos,
 target_ids, target_mask, label) — the five tensors of `Batch.tensors()` — returns the scalar
-classification loss of `prge.loss.copy_losses(..., copies=1, loss="class")` (CE over the 2 label words
+classification loss of `prge.zo.loss.copy_losses(..., copies=1, loss="class")` (CE over the 2 label words
 at the answer position, the loss every other variant computes). Only the LoRA B matrices (14 on tiny,
 28 on small) have requires_grad=True; base weights, the frozen A and the embeddings are frozen parameters.
 
@@ -115,7 +115,7 @@ BACKENDS = ("xnnpack", "xnnpack-static", "portable")
 
 
 class LossModule(nn.Module):
-    """forward(*Batch.tensors()) -> the scalar class loss of prge.loss.copy_losses (copies=1)."""
+    """forward(*Batch.tensors()) -> the scalar class loss of prge.zo.loss.copy_losses (copies=1)."""
 
     def __init__(self, model: nn.Module, label_ids):
         super().__init__()
@@ -123,8 +123,8 @@ class LossModule(nn.Module):
         self.register_buffer("label_ids", torch.as_tensor(label_ids, dtype=torch.long))
 
     def forward(self, input_ids, target_pos, target_ids, target_mask, label):
-        from prge.batch import Batch
-        from prge.loss import copy_losses
+        from prge.data.batch import Batch
+        from prge.zo.loss import copy_losses
 
         b = Batch(input_ids, target_pos, target_ids, target_mask, label)
         return copy_losses(self.model, b, 1, self.label_ids, "class")[0]
@@ -132,9 +132,8 @@ class LossModule(nn.Module):
 
 def prepare(model: nn.Module, label_ids) -> LossModule:
     """The loss module, with ONLY the LoRA B matrices trainable and every layer using the clean B."""
-    from prge.lora import lora_layers, use
+    from prge.zo.lora import lora_layers
 
-    use(model, None)
     b_params = {id(m.lora_B) for m in lora_layers(model).values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in b_params)

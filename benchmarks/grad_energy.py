@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prge.batch import collate  # noqa: E402
+from prge.data.batch import collate  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
-from prge.lora import lora_layers  # noqa: E402
-from prge.train import prepare  # noqa: E402
+from prge.zo.lora import lora_layers  # noqa: E402
+from prge.run.train import prepare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "grad_energy.jsonl"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 PY_RUNNER = r"""
 import json, sys
-from prge.device import device_train
+from prge.engine.runtime import device_train
 a = json.loads(sys.argv[1])
 device_train(a["program"], a["data"], a["out"], steps=a["steps"], lr=a["lr"], eps=a["eps"], seed=a["seed"],
              eval_every=0, progress=False, log=lambda m: None)
@@ -41,9 +41,10 @@ def export_tiny(root: Path) -> tuple[Path, Path]:
     if program.is_file() and data.is_file():
         return program, data
     from prge.config import TrainConfig
-    from prge.export import export_program, write_dataset
+    from prge.engine.export import export_program
+    from prge.engine.formats import write_dataset
     from prge.testing import save_tiny
-    from prge.train import prepare
+    from prge.run.train import prepare
 
     root.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(model=save_tiny(root / "model"), task="sst2", n_train=32, n_dev=16, n_test=4, q=2,
@@ -71,8 +72,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    from prge import native
-    from prge.device import final_b, load_manifest
+    from prge.engine import native
+    from prge.engine.formats import final_b, load_manifest
 
     if a.program:
         program = Path(a.program)

@@ -87,10 +87,10 @@ def main() -> None:
     import torch
 
     from prge.config import TrainConfig
-    from prge.evaluate import evaluate
+    from prge.run.evaluate import evaluate
     from prge.io import append_jsonl
-    from prge.models import load_model
-    from prge.train import load_encoded
+    from prge.models.load import load_model
+    from prge.run.train import load_encoded
 
     if args.threads:
         torch.set_num_threads(args.threads)

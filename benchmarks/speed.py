@@ -5,16 +5,16 @@ ExecuTorch's own training, at q in {1, 4, 16} with q·b = 16 (the issue-6 table)
 Variants, each in its own subprocess (so its peak RSS, `ru_maxrss`, is its own; ~350 MB of every
 figure is importing torch and executorch):
 
-  (a) engine-step       the exported `train_step` (prge.export, XNNPACK): rebuild B, apply the pending
+  (a) engine-step       the exported `train_step` (prge.engine.export, XNNPACK): rebuild B, apply the pending
                         update, draw counter noise, write the 2q copies, one forward of 2q·b rows.
                         The worker also runs (f) right after every step and reports the median of the
                         per-pair ratios ("paired"), which load on a shared machine skews less
   (f) engine-forward    `forward_losses` of the same program: only the batched forward of 2q·b rows
                         over the copies — the inference floor
-  (b) eager-prge        prge.zo.prge_step, dual (one forward of 2q·b rows)
-      eager-prge-single prge.zo.prge_step, single (two forwards of q·b rows). The engine program is
+  (b) eager-prge        prge.zo.step.prge_step, dual (one forward of 2q·b rows)
+      eager-prge-single prge.zo.step.prge_step, single (two forwards of q·b rows). The engine program is
                         dual only: single exists to trade speed for memory in eager PyTorch
-  (c) eager-mezo        prge.zo.mezo_step: q sequential (+, −) pairs of forwards of b rows (MeZO)
+  (c) eager-mezo        prge.zo.step.mezo_step: q sequential (+, −) pairs of forwards of b rows (MeZO)
   (d) backprop          LoRA-FA (B trained, A frozen) forward + backward + Adam on q·b = 16 rows
   (e) et-training       ExecuTorch's own first-order training (benchmarks/et_training.py: joint
                         forward-backward graph, executorch.extension.training, SGD) on the same 16 rows
@@ -76,7 +76,7 @@ def build(name: str, rank: int):
     """(model with MP-LoRA, tokenizer, label_ids)."""
     import torch
 
-    from prge.lora import add_lora
+    from prge.zo.lora import add_lora
     from prge.testing import tiny_model, tiny_tokenizer
 
     spec = CONFIGS[name]
@@ -93,7 +93,7 @@ def build(name: str, rank: int):
             torch.manual_seed(0)
             model = LlamaForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
     else:
-        from prge.models import load_model
+        from prge.models.load import load_model
 
         model, tok = load_model(spec["name"])
     add_lora(model, rank=rank, alpha=2.0 * rank, seed=0)
@@ -104,7 +104,7 @@ def build(name: str, rank: int):
 def batch(name: str, b: int, vocab: int):
     import torch
 
-    from prge.batch import Batch
+    from prge.data.batch import Batch
 
     T = CONFIGS[name]["T"]
     g = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def forward_gflop(model, rows: int, T: int) -> float:
     layer, full T×T as eager attention computes it). The embedding lookup and the 2-word head are ignored."""
     import torch
 
-    from prge.lora import lora_layers
+    from prge.zo.lora import lora_layers
 
     layers = model.model.layers
     weights = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
@@ -134,7 +134,7 @@ def forward_gflop(model, rows: int, T: int) -> float:
 
 
 def worker_export(args) -> dict:
-    from prge.export import export_program
+    from prge.engine.export import export_program
 
     model, tok, label_ids = build(args.config, args.rank)
     t = time.time()
@@ -148,8 +148,8 @@ def worker_engine(args, method: str) -> tuple[list[float], list[float]]:
     import torch
     from executorch.runtime import Runtime
 
-    from prge import estimator as est
-    from prge.device import manifest_path
+    from prge.zo import estimator as est
+    from prge.engine.formats import manifest_path
 
     manifest = json.loads(manifest_path(program_path(args)).read_text())
     prog = Runtime.get().load_program(program_path(args))
@@ -180,9 +180,9 @@ def worker_engine(args, method: str) -> tuple[list[float], list[float]]:
 def worker_eager(args, kind: str) -> list[float]:
     import torch
 
-    from prge.lora import trainable_b
-    from prge.loss import copy_losses
-    from prge.zo import mezo_step, prge_step
+    from prge.zo.lora import trainable_b
+    from prge.zo.loss import copy_losses
+    from prge.zo.step import mezo_step, prge_step
 
     model, tok, label_ids = build(args.config, args.rank)
     params = trainable_b(model)
@@ -224,7 +224,7 @@ def worker_et_export(args) -> dict:
     """Lower ExecuTorch's joint forward-backward program, in its own process: the training worker then
     only loads it, so its peak RSS is the training step's and not the lowering's (10.8 GB for SmolLM2)."""
     from benchmarks.et_training import export_training
-    from prge.device import manifest_path
+    from prge.engine.formats import manifest_path
 
     model, tok, label_ids = build(args.config, args.rank)
     path = et_program_path(args)
@@ -236,7 +236,7 @@ def worker_et_export(args) -> dict:
 
 def worker_et_training(args) -> list[float]:
     from benchmarks.et_training import train_steps
-    from prge.device import manifest_path
+    from prge.engine.formats import manifest_path
 
     path = et_program_path(args)
     manifest = manifest_path(path)
@@ -305,7 +305,7 @@ def spawn(args, worker: str) -> dict:
 
 
 def measure(args, out: Path) -> None:
-    from prge.device import manifest_path
+    from prge.engine.formats import manifest_path
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")

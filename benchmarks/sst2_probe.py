@@ -23,7 +23,7 @@ import yaml
 
 from prge.config import TrainConfig, coerce
 from prge.io import append_jsonl, read_jsonl
-from prge.train import run
+from prge.run.train import run
 
 
 def overrides(text: str) -> dict:

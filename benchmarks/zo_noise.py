@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from prge.io import append_jsonl, read_jsonl  # noqa: E402
-from prge.schedule import lr_at  # noqa: E402
+from prge.zo.schedule import lr_at  # noqa: E402
 
 TWO_OVER_PI = 2 / 3.141592653589793
 

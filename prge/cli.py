@@ -1,4 +1,4 @@
-"""The `prge` command: a thin layer over `prge.train`, `prge.evaluate` and `prge.adapters`.
+"""The `prge` command: a thin layer over `prge.run.train`, `prge.run.evaluate` and `prge.run.adapters`.
 
     prge train [--config run.yaml] [--option value ...]   fine-tune (no arguments: the embedded default)
     prge eval  --adapter runs/x/checkpoints/best          accuracy of a model or an adapter
@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from prge.errors import PrgeError
-from prge.schedule import LR_SCHEDULES
+from prge.zo.schedule import LR_SCHEDULES
 
 DEFAULT_JOB = ("With no options, `prge train` runs the embedded default: SmolLM2-135M-Instruct on SST-2 with "
                "P-RGE (dual forwarding, q = 4), printing test accuracy before and after and where the adapter went.")
@@ -37,7 +37,8 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS, "dest": f.name}
+        text = f.metadata["help"]  # a help text that explains its default itself is not given a second one
+        kw = {"help": text if "(default" in text else f"{text} (default: {default})", "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         tp = str(f.type)
@@ -69,7 +70,7 @@ def build_config(args: argparse.Namespace):
 def resume_values(values: dict) -> dict:
     """A resumed run takes its saved config; options given now (e.g. more --steps) override it."""
     from prge.config import load_yaml
-    from prge.train import resolve_resume
+    from prge.run.train import resolve_resume
 
     run_dir, _ = resolve_resume(values["resume"])
     saved = load_yaml(str(run_dir / "config.yaml"))
@@ -78,7 +79,7 @@ def resume_values(values: dict) -> dict:
 
 
 def cmd_train(args) -> int:
-    from prge.train import run
+    from prge.run.train import run
 
     run(build_config(args))
     return 0
@@ -87,7 +88,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from prge.train import prepare
+    from prge.run.train import prepare
 
     cfg = build_config(args)
     if args.adapter and not hasattr(args, "model"):
@@ -95,11 +96,11 @@ def cmd_eval(args) -> int:
     # evaluation needs no gradients; without an adapter the LoRA B is zero, i.e. the plain model
     cfg = dataclasses.replace(cfg, method="prge", tune="lora-fa")
     if cfg.task.strip().lower() == "all" and not cfg.train_file:
-        from prge.suite import eval_all
+        from prge.run.suite import eval_all
 
         eval_all(cfg, args.adapter, args.split, args.json)
         return 0
-    from prge.evaluate import describe
+    from prge.run.evaluate import describe
 
     s = prepare(cfg, adapter=args.adapter)
     result = {"model": cfg.model, "adapter": args.adapter, "data": s.data_name}
@@ -123,8 +124,8 @@ def adapter_base(folder: str) -> str | None:
 
 
 def cmd_merge(args) -> int:
-    from prge.adapters import merge_to_folder
-    from prge.models import load_model
+    from prge.run.adapters import merge_to_folder
+    from prge.models.load import load_model
 
     base = args.model or adapter_base(args.adapter)
     if not base:
@@ -138,15 +139,17 @@ def cmd_merge(args) -> int:
 # options of `prge train` that shape an exported program or its data
 EXPORT_FIELDS = ("model", "task", "data_root", "train_file", "eval_file", "template", "label_words", "q", "batch_size",
                  "loss", "rank", "alpha", "targets", "layers", "n_train", "n_dev", "max_length", "truncate", "seed",
-                 "threads")
+                 "threads", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize")
 
 
 def cmd_export(args) -> int:
     import dataclasses as dc
     from pathlib import Path
 
-    from prge.export import export_program, write_dataset
-    from prge.train import log, prepare
+    from prge.engine.export import export_program
+    from prge.engine.formats import RUN_DEFAULTS, write_dataset
+    from prge.log import say
+    from prge.run.train import prepare
 
     cfg = dc.replace(build_config(args), method="prge", tune="lora-fa", dtype="float32")
     s = prepare(cfg, adapter=args.adapter)
@@ -154,12 +157,13 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.suffix != ".pte":
         raise PrgeError(f"--out {out} should end in .pte", "pass e.g. --out sst2.pte")
-    log(f"prge export: {cfg.model}, {s.data_name}, q={cfg.q}, b={cfg.batch_size}, T={cfg.max_length}, K={K}, "
+    say(f"prge export: {cfg.model}, {s.data_name}, q={cfg.q}, b={cfg.batch_size}, T={cfg.max_length}, K={K}, "
         f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'} -> {out}")
     manifest = export_program(s.model, s.tokenizer, s.label_ids, q=cfg.q, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
                               quantize=args.quantize, out_path=out, model_name=cfg.model,
-                              eval_batch_size=args.eval_batch_size, log=log)
+                              eval_batch_size=args.eval_batch_size, log=say,
+                              run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS})
     data = out.with_suffix(".data.safetensors")
     write_dataset(data, s, manifest)
     print(f"program: {out} (+ {out.name}.json manifest, {out.name}.adapter.safetensors)\ndata: {data} "
@@ -167,27 +171,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def device_run_options(args) -> dict:
+    """The device run's options: each given flag, else what the program was exported with
+    (manifest "run_defaults"), else `prge train`'s default."""
+    from prge.config import TrainConfig
+    from prge.engine.formats import RUN_DEFAULTS, load_manifest
+
+    recorded = load_manifest(args.program).get("run_defaults") or {}
+    defaults = TrainConfig()
+    return {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k)) for k in RUN_DEFAULTS}
+
+
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
-    from prge.device import device_train
+    from prge.engine.runtime import device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
+    opts = device_run_options(args)
     if getattr(args, "native", False):
-        from prge.native import native_train
+        from prge.engine.native import native_train
 
-        native_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                     eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule,
-                     checkpoint_every=args.checkpoint_every)
+        native_train(args.program, data, args.out, resume=args.resume, **opts)
         return 0
-    device_train(args.program, data, args.out, steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed,
-                 eval_every=args.eval_every, resume=args.resume, normalize=args.normalize, lr_schedule=args.lr_schedule,
-                 checkpoint_every=args.checkpoint_every, progress=args.progress)
+    device_train(args.program, data, args.out, resume=args.resume, progress=args.progress, **opts)
     return 0
 
 
 def cmd_tasks(args) -> int:
-    from prge.tasks import TASKS
+    from prge.data.tasks import TASKS
 
     for t in TASKS.values():
         print(f"{t.name:12s} {t.kind:15s} {t.description}")
@@ -257,18 +269,21 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--program", required=True, help="the .pte written by `prge export`")
     d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
     d.add_argument("--out", required=True, help="run folder")
-    d.add_argument("--steps", type=int, default=train_defaults.steps, help="training steps (total, also when resuming; default %(default)s, as prge train)")
-    d.add_argument("--lr", type=float, default=train_defaults.lr, help="learning rate (default %(default)s, as prge train)")
-    d.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
-                   help="constant, or a linear / cosine decay from --lr towards 0 over --steps (as prge train)")
-    d.add_argument("--eps", type=float, default=train_defaults.eps, help="perturbation scale (default %(default)s, as prge train; >= 1e-2 with a quantised base)")
-    d.add_argument("--seed", type=int, default=0, help="picks every step's examples and noise")
-    d.add_argument("--eval-every", type=int, default=train_defaults.eval_every, help="evaluate on dev and checkpoint every N steps (0: only at the end)")
-    d.add_argument("--checkpoint-every", type=int, default=train_defaults.checkpoint_every,
+    run_help = "default: the program's (what `prge export` recorded), else prge train's {}"
+    d.add_argument("--steps", type=int, help="training steps (total, also when resuming); " + run_help.format(train_defaults.steps))
+    d.add_argument("--lr", type=float, help="learning rate; " + run_help.format(train_defaults.lr))
+    d.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
+                   help="constant, or a linear / cosine decay from --lr towards 0 over --steps; " + run_help.format(train_defaults.lr_schedule))
+    d.add_argument("--eps", type=float, help="perturbation scale (>= 1e-2 with a quantised base); " + run_help.format(train_defaults.eps))
+    d.add_argument("--seed", type=int, help="picks every step's examples and noise; " + run_help.format(train_defaults.seed))
+    d.add_argument("--eval-every", type=int, help="evaluate on dev and checkpoint every N steps (0: only at the end); "
+                   + run_help.format(train_defaults.eval_every))
+    d.add_argument("--checkpoint-every", type=int,
                    help="also write checkpoints/last every N steps between evaluations, so a killed run resumes "
-                        "losing at most N steps (0: only at evaluations)")
-    d.add_argument("--normalize", action="store_true",
-                   help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2)")
+                        "losing at most N steps (0: only at evaluations); " + run_help.format(train_defaults.checkpoint_every))
+    d.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2); "
+                        + run_help.format("off" if not train_defaults.normalize else "on"))
     d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     d.add_argument("--native", action="store_true",

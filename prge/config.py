@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from prge.errors import PrgeError
-from prge.schedule import LR_SCHEDULES, check_schedule
+from prge.zo.schedule import LR_SCHEDULES, check_schedule
 
 
 def opt(default, help: str, choices=None):
@@ -43,8 +43,8 @@ class TrainConfig:
     optimizer: str = opt("adam", "fo only: the backprop optimizer", ["sgd", "adam"])
     q: int = opt(4, "zeroth-order queries per step (perturbation directions)")
     batch_size: int = opt(4, "examples per step (each query sees the same b examples; the forward batch is 2·q·b)")
-    steps: int = opt(300, "training steps (300: the default SST-2 run's dev accuracy was still rising there, 85.6 -> 86.6%%; about 10 minutes on a 2-core CPU; docs/evidence.md part 2)")
-    lr: float = opt(3e-3, "learning rate (zeroth-order: for more --steps lower it as about steps^(-2/3): 3e-3 at 300 steps, 7e-4 at 1700; docs/evidence.md 2d)")
+    steps: int = opt(300, "training steps (about 10 minutes for the default job on a 2-core CPU)")
+    lr: float = opt(3e-3, "learning rate; zeroth-order runs with more --steps need a lower lr, about 3e-3 * (300 / steps)^(2/3) (e.g. 7e-4 at 1700 steps)")
     lr_schedule: str = opt("constant", "learning-rate schedule over --steps: constant, or a linear / cosine decay from --lr towards 0", list(LR_SCHEDULES))
     eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
     normalize: bool = opt(False, "zeroth-order: divide each loss difference by the spread (std) of the step's 2q losses instead of by 2ε (needs q >= 2)")

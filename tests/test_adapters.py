@@ -15,11 +15,11 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from prge.adapters import load_adapter, merge, merge_to_folder, save_adapter  # noqa: E402
+from prge.run.adapters import load_adapter, merge, merge_to_folder, save_adapter  # noqa: E402
 from prge.errors import PrgeError  # noqa: E402
 from prge.io import (atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors,  # noqa: E402
                      resolve_dir, save_tensors)
-from prge.lora import MPLoRALinear, add_lora, lora_layers, use  # noqa: E402
+from prge.zo.lora import MPLoRALinear, add_lora, lora_layers, using  # noqa: E402
 from prge.testing import tiny_model  # noqa: E402
 
 IDS = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -142,8 +142,8 @@ def test_load_into_existing_lora_layers_keeps_their_setup(tmp_path):
     torch.testing.assert_close(logits(model), logits(trained), atol=1e-5, rtol=0)
     for m in lora_layers(model).values():
         assert m.copies.shape[0] == 3 and torch.equal(m.copies[2], m.lora_B)
-    use(model, "copies")
-    torch.testing.assert_close(logits(model)[:1], logits(trained)[:1], atol=1e-5, rtol=0)
+    with using(model, "copies"):
+        torch.testing.assert_close(logits(model)[:1], logits(trained)[:1], atol=1e-5, rtol=0)
 
 
 # (c) merge

@@ -38,13 +38,13 @@ def test_cells_filter_and_order(accuracy):
 
 
 def test_sst2_cells_keep_the_prompt_their_table_was_measured_with(accuracy, monkeypatch, tmp_path):
-    import prge.train
-    from prge.tasks import EARLIER_SST2_TEMPLATE, SST2_TEMPLATE
+    import prge.run.train
+    from prge.data.classification import EARLIER_SST2_TEMPLATE, SST2_TEMPLATE
 
     seen = []
     monkeypatch.setattr(accuracy, "ROOT", tmp_path)
     monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(prge.train, "run", lambda cfg: seen.append(cfg) or {"task": cfg.task})
+    monkeypatch.setattr(prge.run.train, "run", lambda cfg: seen.append(cfg) or {"task": cfg.task})
     accuracy.run_cell("main", "sst2", "prge-q4", 0, None)
     accuracy.run_cell("main", "rte", "mezo-q1", 1, None)
     accuracy.run_cell("sst2-default", "sst2", "prge-q4", 0, None)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from prge import estimator as est
-from prge.batch import Example, collate, encode, label_word_ids
-from prge.lora import add_lora, trainable_b, use
-from prge.loss import copy_losses
+from prge.zo import estimator as est
+from prge.data.batch import Example, collate, encode, label_word_ids
+from prge.zo.lora import add_lora, trainable_b, using
+from prge.zo.loss import copy_losses
 from prge.testing import tiny_model
-from prge.zo import mezo_step, prge_step
+from prge.zo.step import mezo_step, prge_step
 
 
 def key(seed, step):
@@ -78,10 +78,8 @@ def test_copy_k_equals_a_lora_model_holding_b_k():
     torch.manual_seed(1)
     copies = [torch.randn(3, *b.shape) * 0.1 for b in bs]
     x = torch.randint(0, 100, (2, 9))
-    use(model, copies)
-    with torch.no_grad():
+    with using(model, copies), torch.no_grad():
         batched = model(x.repeat(3, 1)).logits
-    use(model, None)
     for k in range(3):
         with torch.no_grad():
             for b, c in zip(bs, copies):

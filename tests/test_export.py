@@ -20,19 +20,21 @@ import torch
 
 pytest.importorskip("executorch")
 
-from prge import estimator as est  # noqa: E402
-from prge.batch import Encoded, collate, step_indices  # noqa: E402
+from prge.zo import estimator as est  # noqa: E402
+from prge.data.batch import Encoded, collate, step_indices  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
-from prge.device import Engine, device_train, final_b, load_manifest, read_dataset  # noqa: E402
+from prge.engine.runtime import Engine, device_train  # noqa: E402
+from prge.engine.formats import final_b, load_manifest, read_dataset
 from prge.errors import PrgeError  # noqa: E402
-from prge.evaluate import evaluate  # noqa: E402
-from prge.export import check_manifest, export_program, model_meta, write_dataset  # noqa: E402
-from prge.lora import add_lora, lora_layers, trainable_b  # noqa: E402
-from prge.loss import copy_losses, label_scores  # noqa: E402
-from prge.schedule import lr_at  # noqa: E402
+from prge.run.evaluate import evaluate  # noqa: E402
+from prge.engine.export import export_program, model_meta  # noqa: E402
+from prge.engine.formats import check_manifest, write_dataset
+from prge.zo.lora import add_lora, lora_layers, trainable_b  # noqa: E402
+from prge.zo.loss import copy_losses, label_scores  # noqa: E402
+from prge.zo.schedule import lr_at  # noqa: E402
 from prge.testing import save_tiny, tiny_model  # noqa: E402
-from prge.train import prepare  # noqa: E402
-from prge.zo import apply_update, perturbed_losses, prge_step  # noqa: E402
+from prge.run.train import prepare  # noqa: E402
+from prge.zo.step import apply_update, perturbed_losses, prge_step  # noqa: E402
 
 Q, B, T, SEED, EPS, LR = 2, 2, 24, 0, 1e-2, 2e-2
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +128,8 @@ def test_open_loop_parity_with_eager(prog):
 def test_host_noise_is_the_estimators():
     """Noise mode "host" draws exactly estimator.query_noise, in manifest layer order; the engine's
     batched counter noise (one hash chain per tensor size) is the same numbers too."""
-    from prge.device import host_noise
-    from prge.estimator import all_noise as batched_noise
+    from prge.engine.runtime import host_noise
+    from prge.zo.estimator import all_noise as batched_noise
 
     shapes = [[64, 4], [32, 4], [32, 4], [128, 4], [5, 3]]
     off, layers = 0, []
@@ -204,7 +206,7 @@ def test_lr_schedule_matches_the_eager_trainer(prog, device_run, schedule):
 
 
 def test_adapter_is_peft_format_and_loads(prog, device_run):
-    from prge.adapters import load_adapter
+    from prge.run.adapters import load_adapter
 
     out, _ = device_run
     folder = out / "adapter"
@@ -241,7 +243,7 @@ def test_a_kill_between_evaluations_resumes_from_the_periodic_checkpoint(prog, d
     --checkpoint-every checkpoint (step 0, written right after the before-training evaluation, or
     step 4), and ends on the bits of the uninterrupted run (which evaluated every 3 steps and wrote
     no periodic checkpoint: neither changes the trajectory)."""
-    from prge.device import Engine
+    from prge.engine.runtime import Engine
 
     out_full, _ = device_run
     out = prog["root"] / f"run_killed_{kill_at}"
@@ -351,10 +353,10 @@ def test_manifest_model_mismatch_is_refused(prog):
 def test_device_train_imports_no_model_code(prog, tmp_path):
     code = f"""
 import sys
-from prge.device import device_train
+from prge.engine.runtime import device_train
 device_train({str(prog['path'])!r}, {str(prog['data'])!r}, {str(tmp_path / 'run')!r}, steps=2, lr={LR}, eps={EPS},
              eval_every=1, progress=False)
-bad = [m for m in ("transformers", "prge.models", "prge.lora", "prge.loss", "prge.train", "prge.export", "prge.zo")
+bad = [m for m in ("transformers", "prge.models", "prge.zo.lora", "prge.zo.loss", "prge.run.train", "prge.engine.export", "prge.zo.step")
        if m in sys.modules]
 print("BAD", bad)
 assert not bad, bad
@@ -397,7 +399,7 @@ def test_noise_modes(tmp_path, noise):
                        out_path=tmp_path / "p.pte", model_name="tiny", methods=("train_step", "read_state", "read_raw"))
     assert m["reproducible"] == (noise != "engine")
     engine = Engine(tmp_path / "p.pte", m)
-    from prge.device import host_noise
+    from prge.engine.runtime import host_noise
 
     g_prev = torch.zeros(Q)
     for step, g in enumerate([torch.tensor([0.5, -0.3]), torch.tensor([0.2, 0.9])], start=1):
@@ -448,7 +450,7 @@ def test_quantized_base(tmp_path):
 def test_lm_loss_program(tmp_path):
     """Completions (loss "lm", several answer tokens): the step's losses and evaluate's per-example
     answer CE and correct tokens match eager."""
-    from prge.batch import Example, encode
+    from prge.data.batch import Example, encode
 
     model, tok = tiny_model("llama")
     add_lora(model, rank=4, alpha=8.0)

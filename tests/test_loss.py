@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from prge.batch import Example, collate, encode, label_word_ids
+from prge.data.batch import Example, collate, encode, label_word_ids
 from prge.errors import PrgeError
-from prge.loss import copy_losses, label_scores
+from prge.zo.loss import copy_losses, label_scores
 from prge.testing import tiny_model
 
 

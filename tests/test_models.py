@@ -3,9 +3,9 @@ import time
 import pytest
 import torch
 
-from prge.batch import label_word_ids
+from prge.data.batch import label_word_ids
 from prge.errors import PrgeError
-from prge.models import load_model, model_info
+from prge.models.load import load_model, model_info
 from prge.testing import ARCHS, LABEL_WORDS, save_tiny, tiny_model, tiny_tokenizer
 
 
@@ -123,9 +123,9 @@ def test_default_sst2_prompt_beats_the_earlier_one_zero_shot():
     against 78.0% for the earlier default, docs/evidence.md 2a); on the first 200 of those rows it must
     still be the better one, and calibrated (neither label word taking most rows)."""
     from prge.config import TrainConfig
-    from prge.evaluate import evaluate
-    from prge.tasks import EARLIER_SST2_TEMPLATE
-    from prge.train import load_encoded
+    from prge.run.evaluate import evaluate
+    from prge.data.classification import EARLIER_SST2_TEMPLATE
+    from prge.run.train import load_encoded
 
     model, tok = load_model("smollm2-135m")
     scores = {}

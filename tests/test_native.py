@@ -18,14 +18,17 @@ pytest.importorskip("executorch")
 if shutil.which("cmake") is None or shutil.which("c++") is None:
     pytest.skip("cmake or a C++ compiler is missing: the native trainer cannot be built here", allow_module_level=True)
 
-from prge import io, native  # noqa: E402
+from prge import io  # noqa: E402
+from prge.engine import native  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
-from prge.device import device_train, final_b  # noqa: E402
+from prge.engine.runtime import device_train  # noqa: E402
+from prge.engine.formats import final_b
 from prge.errors import PrgeError  # noqa: E402
-from prge.export import export_program, write_dataset  # noqa: E402
-from prge.lora import lora_layers  # noqa: E402
+from prge.engine.export import export_program  # noqa: E402
+from prge.engine.formats import write_dataset
+from prge.zo.lora import lora_layers  # noqa: E402
 from prge.testing import save_tiny  # noqa: E402
-from prge.train import prepare  # noqa: E402
+from prge.run.train import prepare  # noqa: E402
 
 Q, B, T, SEED, EPS, LR, STEPS = 2, 2, 16, 3, 1e-2, 2e-2, 6
 
@@ -90,7 +93,7 @@ def test_parity_with_the_python_engine_loop(runs):
 
 
 def test_lr_schedule_parity(prog):
-    """The C++ loop computes prge.schedule.lr_at itself: same losses and final B as the Python loop."""
+    """The C++ loop computes prge.zo.schedule.lr_at itself: same losses and final B as the Python loop."""
     kw = {**KW, "lr_schedule": "cosine"}
     py, nat = prog["root"] / "py_cos", prog["root"] / "nat_cos"
     device_train(prog["path"], prog["data"], py, progress=False, **kw)
@@ -198,7 +201,7 @@ def test_bad_input_fails_cleanly(prog, tmp_path, case):
     elif case == "corrupt_data":
         over, expect = {"data": corrupt_copy(prog["data"], tmp_path / "d.safetensors", keep=200)}, "data file"
     elif case == "shape_mismatch":
-        from prge.batch import Encoded
+        from prge.data.batch import Encoded
 
         other = dict(prog["manifest"], max_length=T + 8)
         d = tmp_path / "long.safetensors"

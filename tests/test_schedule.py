@@ -1,4 +1,4 @@
-"""Learning-rate schedules (prge.schedule.lr_at): the values every loop uses, and the config check."""
+"""Learning-rate schedules (prge.zo.schedule.lr_at): the values every loop uses, and the config check."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 
 from prge.config import TrainConfig
 from prge.errors import PrgeError
-from prge.schedule import lr_at
+from prge.zo.schedule import lr_at
 
 
 def test_values():
@@ -26,7 +26,7 @@ def test_config_refuses_an_unknown_schedule():
 
 
 def test_device_train_refuses_an_unknown_schedule(tmp_path):
-    from prge.device import device_train
+    from prge.engine.runtime import device_train
 
     with pytest.raises(PrgeError, match="lr schedule 'exp'"):  # before it opens any file
         device_train(tmp_path / "none.pte", tmp_path / "none.safetensors", tmp_path / "run", steps=1, lr=1e-3,

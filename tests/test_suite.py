@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prge.batch import Encoded, Example, collate, encode
+from prge.data.batch import Encoded, Example, collate, encode
 from prge.errors import PrgeError
-from prge.evaluate import evaluate_choice, evaluate_generation, exact_match, greedy, normalize_answer, squad_f1
-from prge.tasks import TASKS, load_task, parse_squad_query
+from prge.run.evaluate import evaluate_choice, evaluate_generation, exact_match, greedy, normalize_answer, squad_f1
+from prge.data.generation import parse_squad_query
+from prge.data.tasks import TASKS, load_task
 from prge.testing import save_tiny, tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -311,7 +312,7 @@ def test_generation_eval_f1_em(monkeypatch):
     items = encode([Example("Question: a?\nAnswer:", " Paris\n", -1, "a", add_eos=False, gold=["Paris", "the city of Paris"]),
                     Example("Question: b?\nAnswer:", " 23 years\n", -1, "b", add_eos=False, gold=["23 years"])], tok, 64)
     answers = iter(["paris.", "in 23"])
-    monkeypatch.setattr("prge.evaluate.greedy", lambda *a, **k: next(answers))
+    monkeypatch.setattr("prge.run.evaluate.greedy", lambda *a, **k: next(answers))
     r = evaluate_generation(model, tok, items, tok.pad_token_id)
     assert r["em"] == pytest.approx(0.5) and r["f1"] == pytest.approx((1.0 + 0.5) / 2) and r["accuracy"] == r["f1"]
     assert r["n"] == 2 and r["metric"] == "f1" and r["loss"] > 0
@@ -322,7 +323,7 @@ def test_generation_eval_f1_em(monkeypatch):
 
 def test_training_and_eval_on_choice_and_generation_tasks(tmp_path, olmo_cache):
     from prge.config import TrainConfig
-    from prge.train import run
+    from prge.run.train import run
 
     tiny = save_tiny(tmp_path / "model")
     for task in ("copa", "squad"):
@@ -410,12 +411,12 @@ def test_multiple_choice_item_with_a_missing_option_is_reported(tmp_path):
     with pytest.raises(PrgeError, match=rf"{copa / 'train350.jsonl'}:2: multiple-choice option 'choice2' is missing"):
         load_task("copa", data_root=tmp_path)
     arc = {**ARC_EASY[0], "choices": {"text": ["cellular telephone", "", "refrigerator", "airplane"], "label": ["A", "B", "C", "D"]}}
-    from prge.tasks import _arc
+    from prge.data.choice import arc_row
 
     with pytest.raises(PrgeError, match="x row 3: multiple-choice option 'choices B' is missing"):
-        _arc("x row 3", arc)
+        arc_row("x row 3", arc)
     with pytest.raises(PrgeError, match="answerKey 'E'"):
-        _arc("x row 3", {**ARC_EASY[0], "answerKey": "E"})
+        arc_row("x row 3", {**ARC_EASY[0], "answerKey": "E"})
 
 
 def test_malformed_rows_name_file_and_line(tmp_path):
@@ -476,7 +477,7 @@ def test_hub_source_when_datasets_and_the_hub_are_there(tmp_path, monkeypatch, n
                  "answers": {"text": ["outdoors", "outdoors"], "answer_start": [1, 1]}}] * 2
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setattr("prge.models._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("prge.models.hub.hub_reachable", lambda timeout=3.0: True)
     pools = TASKS["qnli"].load(tmp_path)  # no qnli/ files here: the hub is next
     assert calls == [("glue", "qnli", "train"), ("glue", "qnli", "validation")]
     assert (len(pools["train"]), len(pools["test"])) == (3, 3) and pools["test"][0].answer == " Yes"

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from prge.errors import PrgeError
-from prge.tasks import TASKS, get_task, load_task, resolve_data_root, seeded_sample
+from prge.data.sampling import seeded_sample
+from prge.data.tasks import TASKS, get_task, load_task, resolve_data_root
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -154,7 +155,8 @@ def test_malformed_rows_name_file_and_line(tmp_path):
 
 
 def test_template_override_refills_built_in_prompts(sst2, rte):
-    from prge.tasks import PAPER_SST2_TEMPLATE, retemplate
+    from prge.data.classification import PAPER_SST2_TEMPLATE
+    from prge.data.tasks import retemplate
 
     paper = retemplate(sst2.test[:2], PAPER_SST2_TEMPLATE, "sst2")
     assert paper[0].prompt == "it 's a charming and often affecting journey . It was"
@@ -165,7 +167,7 @@ def test_template_override_refills_built_in_prompts(sst2, rte):
 
 @pytest.mark.parametrize("template,match", [("{review} It was", "unknown: \\['review'\\]"), ("It was", "only the task's fields")])
 def test_template_override_errors_name_the_fields(sst2, template, match):
-    from prge.tasks import retemplate
+    from prge.data.tasks import retemplate
 
     with pytest.raises(PrgeError, match=match) as e:
         retemplate(sst2.test[:1], template, "sst2")
@@ -173,8 +175,8 @@ def test_template_override_errors_name_the_fields(sst2, template, match):
 
 
 def test_template_override_refused_for_multiple_choice():
-    from prge.batch import Example
-    from prge.tasks import retemplate
+    from prge.data.batch import Example
+    from prge.data.tasks import retemplate
 
     with pytest.raises(PrgeError, match="only classification tasks"):
         retemplate([Example("p", " a", 0, "x", choices=[("p", " a"), ("p", " b")])], "{x}", "copa")
@@ -182,7 +184,7 @@ def test_template_override_refused_for_multiple_choice():
 
 def test_train_config_template_and_words_give_the_papers_sst2():
     from prge.config import TrainConfig
-    from prge.train import load_data
+    from prge.run.train import load_data
 
     cfg = TrainConfig(task="sst2", data_root=str(DATA), template="{sentence} It was", label_words=["terrible", "great"],
                       n_train=4, n_dev=2, n_test=2)

@@ -9,7 +9,7 @@ import torch
 from prge.cli import main
 from prge.config import TrainConfig
 from prge.testing import save_tiny
-from prge.train import run
+from prge.run.train import run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -112,7 +112,7 @@ def test_user_classification_csv(tiny, tmp_path):
 
 
 def test_nan_loss_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    import prge.train as train
+    import prge.run.train as train
 
     r = tmp_path / "n"
     run(cfg(tiny, r, steps=3))
@@ -205,7 +205,7 @@ def test_a_kill_between_evaluations_resumes_from_the_periodic_checkpoint(tiny, t
     """A run killed at step `kill_at` with no evaluation since the start resumes from the last
     --checkpoint-every checkpoint (step 0 right after the before-training evaluations, or step 4),
     not from scratch, and continues the uninterrupted trajectory exactly."""
-    import prge.train as train
+    import prge.run.train as train
 
     kw = dict(eval_every=0, checkpoint_every=2)
     evaluations = []
@@ -241,10 +241,25 @@ def test_negative_checkpoint_every_is_refused(tiny, tmp_path):
         run(cfg(tiny, tmp_path / "r", checkpoint_every=-1).check())
 
 
-def test_device_train_defaults_follow_prge_train():
-    """The on-device loop's steps, lr, ε and checkpoint cadence are prge train's defaults, not a copy of them."""
-    from prge.cli import parser
+def test_device_train_defaults_follow_the_program_then_prge_train(tmp_path):
+    """device-train's options: a given flag wins, else what the program recorded at export, else
+    prge train's default (one source: TrainConfig)."""
+    import json
 
-    d, t = parser().parse_args(["device-train", "--program", "p.pte", "--out", "o"]), TrainConfig()
-    assert (d.steps, d.lr, d.eps, d.eval_every, d.checkpoint_every) == (t.steps, t.lr, t.eps, t.eval_every, t.checkpoint_every)
-    assert t.steps == 300 and t.lr == 3e-3  # the documented default job (README, docs/evidence.md part 2)
+    from prge.cli import device_run_options, parser
+    from prge.engine.formats import FORMAT, RUN_DEFAULTS
+
+    t = TrainConfig()
+    assert t.steps == 300 and t.lr == 3e-3  # the documented default job (README)
+    old = tmp_path / "old.pte"  # a program exported before programs recorded their run
+    (tmp_path / "old.pte.json").write_text(json.dumps({"format": FORMAT}))
+    opts = device_run_options(parser().parse_args(["device-train", "--program", str(old), "--out", "o"]))
+    assert opts == {k: getattr(t, k) for k in RUN_DEFAULTS}
+    new = tmp_path / "new.pte"
+    recorded = {**opts, "seed": 3, "lr": 5e-4, "steps": 40}
+    (tmp_path / "new.pte.json").write_text(json.dumps({"format": FORMAT, "run_defaults": recorded}))
+    opts = device_run_options(parser().parse_args(["device-train", "--program", str(new), "--out", "o"]))
+    assert (opts["seed"], opts["lr"], opts["steps"], opts["eps"]) == (3, 5e-4, 40, t.eps)
+    opts = device_run_options(parser().parse_args(["device-train", "--program", str(new), "--out", "o", "--seed", "0",
+                                                   "--steps", "7"]))
+    assert (opts["seed"], opts["steps"], opts["lr"]) == (0, 7, 5e-4)

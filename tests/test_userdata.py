@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from prge.errors import PrgeError
-from prge.userdata import load_user_data, load_user_file
+from prge.data.userdata import load_user_data, load_user_file
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHAT_TEMPLATE = (

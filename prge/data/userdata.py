@@ -23,7 +23,7 @@ Row formats, detected from the first row's keys unless `fmt` names one:
 Every problem is a `PrgeError` naming `file:line`.
 
 Without an eval file, `load_user_data` holds out `round(eval_fraction * N)` rows (at least one when
-eval_fraction > 0) of the N train rows as dev, drawn with `prge.tasks.seeded_sample(rows, n, seed)`;
+eval_fraction > 0) of the N train rows as dev, drawn with `prge.data.sampling.seeded_sample(rows, n, seed)`;
 train is the remaining rows in file order.
 """
 
@@ -32,10 +32,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from prge.batch import Example
+from prge.data.batch import Example
 from prge.errors import PrgeError
 from prge.io import read_jsonl
-from prge.tasks import seeded_sample
+from prge.data.sampling import seeded_sample
 
 FORMATS = ("completion", "chat", "classification")
 _FIELDS = {"completion": ("prompt", "completion"), "chat": ("messages",), "classification": ("text", "label")}

@@ -26,7 +26,7 @@ from torch import nn
 
 from prge.errors import PrgeError
 from prge.io import atomic_dir, atomic_write_json, load_tensors, resolve_dir, save_tensors
-from prge.lora import MPLoRALinear, _in_out, add_lora, lora_layers
+from prge.zo.lora import MPLoRALinear, in_out, add_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,7 +62,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_name_or_path:
     """
     layers = lora_layers(model)
     if not layers:
-        raise PrgeError("the model has no LoRA layers to save", "add them with prge.lora.add_lora (or load an adapter) first")
+        raise PrgeError("the model has no LoRA layers to save", "add them with prge.zo.lora.add_lora (or load an adapter) first")
     ranks = {m.rank for m in layers.values()}
     alphas = {m.alpha for m in layers.values()}
     if len(ranks) > 1 or len(alphas) > 1:
@@ -206,7 +206,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     for name, (a, b) in pairs.items():
         module = modules[name]
         base_module = module.base if isinstance(module, MPLoRALinear) else module
-        d_in, d_out = _in_out(base_module)
+        d_in, d_out = in_out(base_module)
         if tuple(a.shape) != (rank, d_in) or tuple(b.shape) != (d_out, rank):
             raise PrgeError(f"the adapter's {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but r={rank} and the "
                             f"module is {d_in} -> {d_out} (expected A {(rank, d_in)}, B {(d_out, rank)})",

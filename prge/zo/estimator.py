@@ -1,7 +1,7 @@
 """The zeroth-order arithmetic, once: noise, perturbation, projected gradient, update.
 
 Everything here is plain tensor ops so that the eager trainers (`prge`, `mezo`) and the exported
-ExecuTorch step (`prge.export`) call the very same functions; the parity tests keep them honest.
+ExecuTorch step (`prge.engine.export`) call the very same functions; the parity tests keep them honest.
 
 Randomized gradient estimate with q queries (arXiv 2409.15520, eq. 1):
 

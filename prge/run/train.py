@@ -19,23 +19,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from prge import adapters, io
-from prge.batch import Encoded, collate, encode, label_word_ids, step_indices
+from prge import io
+from prge.run import adapters
+from prge.data.batch import Encoded, collate, encode, label_word_ids, step_indices
 from prge.config import TrainConfig, to_yaml
 from prge.errors import PrgeError
-from prge.evaluate import evaluate, evaluate_choice, evaluate_generation
-from prge.lora import add_lora, count_trainable, lora_layers, trainable_b
-from prge.loss import copy_losses
-from prge.models import load_model
-from prge.schedule import lr_at
-from prge.zo import check_finite, mezo_step, prge_step
+from prge.log import say
+from prge.run import loop
+from prge.run.evaluate import evaluate, evaluate_choice, evaluate_generation
+from prge.run.loop import Plan
+from prge.run.plot import plot
+from prge.zo.lora import add_lora, count_trainable, lora_layers, trainable_b
+from prge.zo.loss import copy_losses
+from prge.models.load import load_model
+from prge.zo.schedule import lr_at
+from prge.zo.step import check_finite, mezo_step, prge_step
 
 
 @dataclass
@@ -50,7 +55,7 @@ class Setup:
     params: list[torch.Tensor]  # the tensors being trained
     pad_id: int
     data_name: str
-    kind: str = "classification"  # the task's kind (prge.tasks.KINDS), or "completion" for the user's own completions
+    kind: str = "classification"  # the task's kind (prge.data.tasks.KINDS), or "completion" for the user's own completions
 
     @property
     def loss_kind(self) -> str:
@@ -73,7 +78,7 @@ class Setup:
 def load_data(cfg: TrainConfig, tokenizer):
     """(name, kind, train, dev, test, label_words) as Examples, from a built-in task or the user's files."""
     if cfg.train_file:
-        from prge.userdata import load_user_data
+        from prge.data.userdata import load_user_data
 
         words = cfg.label_words
         if isinstance(words, list) and words and all("=" in w for w in words):  # --label-words neg=terrible pos=great
@@ -82,11 +87,11 @@ def load_data(cfg: TrainConfig, tokenizer):
                                           label_words=words, tokenizer=tokenizer)
         words = info.get("label_words")
         return Path(cfg.train_file).stem, "classification" if words else "completion", train, dev, dev, words
-    from prge.tasks import load_task
+    from prge.data.tasks import load_task
 
     data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
     if cfg.template:
-        from prge.tasks import retemplate
+        from prge.data.tasks import retemplate
 
         data.train, data.dev, data.test = (retemplate(x, cfg.template, data.task.name) for x in (data.train, data.dev, data.test))
     words = data.task.label_words or None
@@ -215,11 +220,37 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop
+# the eager stepper and the run
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+class EagerStepper:
+    """`prge.run.loop.Stepper` over the model in PyTorch: prge, mezo or fo steps on `Setup`."""
+
+    def __init__(self, s: Setup):
+        self.s = s
+        self.optimizer = make_optimizer(s)
+
+    def start(self) -> tuple[dict, dict]:
+        s, t0 = self.s, time.time()
+        before = s.evaluate(s.test)
+        dev0 = s.evaluate(s.dev) if s.dev is not s.test else before
+        say(f"before training: test accuracy {before['accuracy']:.4f} (n={before['n']}), dev {dev0['accuracy']:.4f} "
+            f"[{time.time() - t0:.0f} s]")
+        return before, dev0
+
+    def step(self, step: int) -> tuple[float, float]:
+        s, c = self.s, self.s.cfg
+        batch = collate([s.train[i] for i in step_indices(len(s.train), c.batch_size, c.seed, step)], s.pad_id).to(c.device)
+        return one_step(s, batch, step, self.optimizer)
+
+    def evaluate(self, step: int) -> dict:
+        return self.s.evaluate(self.s.dev)
+
+    def save(self, folder: Path, step: int, state: dict) -> None:
+        save_checkpoint(self.s, folder, step, state, self.optimizer)
+
+    def load(self, folder: Path) -> dict:
+        return load_checkpoint(self.s, folder, self.optimizer)
 
 
 def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
@@ -232,87 +263,53 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     s = prepare(cfg, adapter=str(resume_ckpt) if resume_ckpt and cfg.tune != "full" else None)
     run_dir = Path(cfg.out or f"runs/{s.data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     io.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    optimizer = make_optimizer(s)
-    log(f"prge: {cfg.method} ({cfg.mode if cfg.method == 'prge' else cfg.tune}) on {s.data_name}, model {cfg.model}, "
+    stepper = EagerStepper(s)
+    say(f"prge: {cfg.method} ({cfg.mode if cfg.method == 'prge' else cfg.tune}) on {s.data_name}, model {cfg.model}, "
         f"{count_trainable(s.model) if cfg.method == 'fo' else sum(p.numel() for p in s.params):,} trained values, "
         f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
-
-    state = {"best_accuracy": -1.0, "best_step": 0, "before": None, "seconds": 0.0}
-    start = 0
-    if resume_ckpt:
-        state = load_checkpoint(s, resume_ckpt, optimizer)
-        start = state.pop("step")
-        state.pop("config", None)
-        io.truncate_metrics(metrics, start)
-        log(f"resumed from {resume_ckpt} at step {start}")
-    else:
-        metrics.unlink(missing_ok=True)
-        t0 = time.time()
-        before = s.evaluate(s.test)
-        dev0 = s.evaluate(s.dev) if s.dev is not s.test else before
-        state["before"] = before["accuracy"]
-        state["best_accuracy"], state["best_step"] = dev0["accuracy"], 0
-        io.append_jsonl(metrics, {"step": 0, "split": "dev", **dev0})
-        log(f"before training: test accuracy {before['accuracy']:.4f} (n={before['n']}), dev {dev0['accuracy']:.4f} "
-            f"[{time.time() - t0:.0f} s]")
-        save_checkpoint(s, ckpts / "best", 0, state, optimizer)
-        save_checkpoint(s, ckpts / "last", 0, state, optimizer)  # a kill before the first step keeps the evaluations
-
-    bar = progress(cfg, start)
-    t_loop = time.time() - state["seconds"]
-    last_acc = None
-    end = max(start, min(cfg.steps, stop_after)) if stop_after else cfg.steps  # never below the resumed step
-    for step in range(start + 1, end + 1):
-        t = time.time()
-        batch = collate([s.train[i] for i in step_indices(len(s.train), cfg.batch_size, cfg.seed, step)], s.pad_id).to(cfg.device)
-        loss, g_abs = one_step(s, batch, step, optimizer)
-        io.append_jsonl(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
-        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = s.evaluate(s.dev)
-            last_acc = ev["accuracy"]
-            io.append_jsonl(metrics, {"step": step, "split": "dev", **ev})
-            state["seconds"] = time.time() - t_loop
-            if ev["accuracy"] > state["best_accuracy"]:
-                state["best_accuracy"], state["best_step"] = ev["accuracy"], step
-                save_checkpoint(s, ckpts / "best", step, state, optimizer)
-            save_checkpoint(s, ckpts / "last", step, state, optimizer)
-            plot(metrics, run_dir / "curves.png")
-        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end:
-            state["seconds"] = time.time() - t_loop
-            save_checkpoint(s, ckpts / "last", step, state, optimizer)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if last_acc is None else f"{last_acc:.3f}")
-    if bar is not None:
-        bar.close()
-    if stop_after and end < cfg.steps:
-        state["seconds"] = time.time() - t_loop
-        save_checkpoint(s, ckpts / "last", end, state, optimizer)
-        return {"stopped_at": end, "run_dir": str(run_dir)}
-    return finish(s, run_dir, state, time.time() - t_loop)
+    plan = Plan(cfg.steps, cfg.eval_every, cfg.checkpoint_every, cfg.progress, "train", stop_after)
+    state = loop.train(stepper, plan, run_dir, resume_ckpt, log=say,
+                       on_eval=lambda step, ev: plot(run_dir / "metrics.jsonl", run_dir / "curves.png"))
+    if state["stopped"]:
+        return {"stopped_at": state["end"], "run_dir": str(run_dir)}
+    return finish(s, run_dir, state, state["seconds"])
 
 
 def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
+    """Evaluate the test split after training, write summary.json and the curves, print the result."""
     cfg = s.cfg
     after = s.evaluate(s.test)
     summary = {"task": s.data_name, "model": cfg.model, "method": cfg.method, "steps": cfg.steps,
                "minutes": seconds / 60, "test_before": state["before"], "test_after_last": after["accuracy"],
+               "test_loss_before": state.get("before_loss"), "test_loss_after_last": after["loss"],
                "best_dev": state["best_accuracy"], "best_step": state["best_step"], "n_test": after["n"],
                "adapter": str(run_dir / "checkpoints" / "best")}
+    best = after
     if state["best_step"] != cfg.steps and cfg.tune != "full":
         best = prepare_eval_copy(s, run_dir / "checkpoints" / "best")
-        summary["test_after_best"] = best["accuracy"]
-    else:
-        summary["test_after_best"] = after["accuracy"]
+    summary["test_after_best"], summary["test_loss_after_best"] = best["accuracy"], best["loss"]
+    completion = s.kind == "completion"
+    if completion:  # per-token answer loss: its exp is the answer perplexity
+        for k in ("before", "after_last", "after_best"):
+            loss = summary[f"test_loss_{k}"]
+            summary[f"test_perplexity_{k}"] = math.exp(loss) if loss is not None and loss < 700 else None
     io.atomic_write_json(run_dir / "summary.json", summary)
     plot(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    log(f"test accuracy: before {summary['test_before']:.4f} -> after {summary['test_after_last']:.4f} (last step), "
-        f"{summary['test_after_best']:.4f} (best dev checkpoint, step {state['best_step']}); "
+    what = "token accuracy" if completion else "accuracy"
+    say(f"test {what}: before {_num(summary['test_before'])} -> after {_num(summary['test_after_last'])} (last step), "
+        f"{_num(summary['test_after_best'])} (best dev checkpoint, step {state['best_step']}); "
         f"{cfg.steps} steps in {seconds / 60:.1f} min")
-    log(f"adapter (PEFT format): {summary['adapter']}   metrics: {run_dir / 'metrics.jsonl'}   curves: {run_dir / 'curves.png'}")
+    if completion:
+        say(f"test answer loss: before {_num(summary['test_loss_before'])} -> after {_num(summary['test_loss_after_last'])} "
+            f"(last), {_num(summary['test_loss_after_best'])} (best); perplexity {_num(summary['test_perplexity_before'], 2)} -> "
+            f"{_num(summary['test_perplexity_after_last'], 2)} (last), {_num(summary['test_perplexity_after_best'], 2)} (best)")
+    say(f"adapter (PEFT format): {summary['adapter']}   metrics: {run_dir / 'metrics.jsonl'}   curves: {run_dir / 'curves.png'}")
     return summary
+
+
+def _num(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def prepare_eval_copy(s: Setup, folder: Path) -> dict:
@@ -324,43 +321,3 @@ def prepare_eval_copy(s: Setup, folder: Path) -> dict:
         for p, c in zip(trainable_b(s.model), current):
             p.copy_(c)
     return result
-
-
-def progress(cfg: TrainConfig, start: int):
-    if not cfg.progress or cfg.steps == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def plot(metrics: Path, out: Path) -> None:
-    """Loss per step (with a moving average) and dev accuracy, as a PNG."""
-    import io as _io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    tr = [r for r in rows if "loss" in r and "split" not in r]
-    ev = [r for r in rows if r.get("split") == "dev"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    if tr:
-        xs, ys = [r["step"] for r in tr], [r["loss"] for r in tr]
-        a.plot(xs, ys, alpha=0.35, lw=0.8, label="step loss")
-        w = max(1, len(ys) // 20)
-        avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        a.plot(xs, avg, lw=1.5, label=f"moving average ({w})")
-        a.legend()
-    a.set(xlabel="step", ylabel="training loss", title="loss")
-    if ev:
-        b.plot([r["step"] for r in ev], [r["accuracy"] for r in ev], marker="o")
-    b.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    io.atomic_write_bytes(out, buf.getvalue())
-

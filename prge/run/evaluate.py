@@ -3,7 +3,7 @@ loss and token accuracy for completions; mean-log-probability choice for multipl
 generation with SQuAD F1 / exact match for generation.
 
 Examples are sorted by length and batched so that padding stays small; the LM head is applied only
-at the scored positions (see `prge.loss`).
+at the scored positions (see `prge.zo.loss`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections import Counter
 
 import torch
 
-from prge.batch import Encoded, collate
-from prge.loss import body, copy_losses, cross_entropy, head, hidden_at, label_scores
+from prge.data.batch import Encoded, collate
+from prge.zo.loss import body, copy_losses, cross_entropy, head, hidden_at, label_scores
 
 
 def batches(items: list[Encoded], batch_size: int):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prge.batch import Batch
+from prge.data.batch import Batch
 
 
 def body(model: nn.Module) -> nn.Module:

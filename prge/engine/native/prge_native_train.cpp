@@ -1,4 +1,4 @@
-// prge-native-train: the P-RGE device loop (prge/device.py's device_train) in C++, linking only the
+// prge-native-train: the P-RGE device loop (prge/engine/runtime.py's device_train) in C++, linking only the
 // ExecuTorch runtime, its optimized kernels and the XNNPACK backend from the executorch pip wheel.
 //
 //   prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR
@@ -6,9 +6,9 @@
 //                     [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K]
 //
 // Inputs: X.pte and its manifest X.pte.json (written together by `prge export`), the pre-tokenised
-// data file (prge.export.write_dataset) and the step plan (prge.native.write_plan: the example
+// data file (prge.engine.export.write_dataset) and the step plan (prge.engine.native.write_plan: the example
 // indices of every step, which Python's seeded shuffles pick). Outputs, in DIR (as device_train,
-// except that B is written flat and `prge.native` turns it into PEFT adapters):
+// except that B is written flat and `prge.engine.native` turns it into PEFT adapters):
 //   metrics.jsonl                      one row per step and per evaluation
 //   checkpoints/last|best/             state.safetensors {raw, g}, trainer_state.json, b.safetensors {b}
 //   final_b.safetensors                {b (total,), g (q,)}: the clean B after the last step
@@ -592,7 +592,7 @@ Options parse_args(int argc, char** argv) {
   return o;
 }
 
-// prge.schedule.lr_at: the lr of the update made from step `step`'s g, the same double arithmetic
+// prge.zo.schedule.lr_at: the lr of the update made from step `step`'s g, the same double arithmetic
 double lr_at(const Options& o, long step) {
   if (o.lr_schedule == "constant" || step < 1 || o.steps < 1) return o.lr;
   double x = double(step - 1) / double(o.steps);

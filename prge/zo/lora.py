@@ -11,7 +11,7 @@ r-wide product is batched over copies — the extra memory of evaluating 2q pert
 is C copies of B, not C copies of the model.
 
 `copies` is a registered buffer so that an exported ExecuTorch program can hold it as mutable state
-and write it in-graph. Which B a forward uses is chosen by `use(...)`:
+and write it in-graph. Which B a forward uses is chosen by `with using(model, ...)` (reset on exit):
 - `None` (default): the clean B, the whole batch is one block (evaluation, first-order training);
 - a tensor of shape (C, out, r): block k of the batch uses row k (set by the estimator or by the
   exported step from tensors it computed in-graph);
@@ -22,6 +22,9 @@ is handled by reading its shape; the base layer is called unchanged.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import math
 import re
@@ -39,7 +42,8 @@ FAMILY_TARGETS = {
 }
 
 
-def _in_out(base: nn.Module) -> tuple[int, int]:
+def in_out(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer that LoRA can wrap."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if type(base).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight (in, out)
@@ -51,7 +55,7 @@ class MPLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, copies: int = 1, train_a: bool = False):
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = _in_out(base)
+        self.in_features, self.out_features = in_out(base)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         w = base.weight
         a = torch.empty(rank, self.in_features, dtype=torch.float32)
@@ -131,11 +135,18 @@ def set_copies(model: nn.Module, n: int) -> None:
         m.copies = m.lora_B.detach()[None].repeat(n, 1, 1).contiguous()
 
 
-def use(model: nn.Module, per_layer: list[torch.Tensor] | str | None) -> None:
-    """Tell every LoRA layer which B to use (see the module docstring)."""
+@contextlib.contextmanager
+def using(model: nn.Module, per_layer: list[torch.Tensor] | str | None) -> Iterator[None]:
+    """Within the block every LoRA layer uses `per_layer` as its B (see the module docstring); after
+    it, even on an exception, each is back on its clean B."""
     layers = list(lora_layers(model).values())
-    for i, m in enumerate(layers):
-        m.use(per_layer[i] if isinstance(per_layer, list) else per_layer)
+    try:
+        for i, m in enumerate(layers):
+            m.use(per_layer[i] if isinstance(per_layer, list) else per_layer)
+        yield
+    finally:
+        for m in layers:
+            m.use(None)
 
 
 def trainable_b(model: nn.Module) -> list[torch.Tensor]:

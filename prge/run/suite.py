@@ -1,6 +1,6 @@
 """`prge eval --task all`: one model (or adapter), every built-in task, one table.
 
-The model is loaded once; each task's data is loaded and encoded in turn (`prge.train.with_task`)
+The model is loaded once; each task's data is loaded and encoded in turn (`prge.run.train.with_task`)
 and its requested splits evaluated with the task's own evaluation (label words, multiple choice or
 generation). A task whose data is not available here, or that cannot run with this model (a label
 word that is several tokens for its tokenizer), becomes a row saying why; the others still run.
@@ -16,9 +16,10 @@ from prge.errors import PrgeError
 
 
 def eval_all(cfg, adapter: str | None, splits: list[str], as_json: bool = False, out=print) -> list[dict]:
-    """Evaluate every task in `prge.tasks.TASKS`; print the table (and one JSON line); return the rows."""
-    from prge.tasks import TASKS
-    from prge.train import log, prepare, with_task
+    """Evaluate every task in `prge.data.tasks.TASKS`; print the table (and one JSON line); return the rows."""
+    from prge.data.tasks import TASKS
+    from prge.log import say as log
+    from prge.run.train import prepare, with_task
 
     t0 = time.time()
     base = prepare(dataclasses.replace(cfg, task=next(iter(TASKS))), adapter=adapter, data=False)

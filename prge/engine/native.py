@@ -1,6 +1,6 @@
 """The native (C++) device trainer: build it, feed it, run it, turn its B into PEFT adapters.
 
-`native/prge_native_train.cpp` is `prge.device.device_train` written in C++ against the ExecuTorch
+`prge/engine/native/prge_native_train.cpp` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
 runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
 `find_package(executorch)` in `<executorch package>/share/cmake`). This module:
 
@@ -13,7 +13,7 @@ runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNN
 
 Plan file (safetensors; the wrapper writes it to a temporary folder): `indices` int32 (steps, b), row s-1 = the train-example indices of step s;
 `seed` int64 (1,). The binary refuses a plan for another seed, b or data size, or one shorter than
---steps. The data file is `prge.export.write_dataset`'s; the program must have noise "counter".
+--steps. The data file is `prge.engine.formats.write_dataset`'s; the program must have noise "counter".
 
 The binary writes, besides metrics.jsonl and checkpoints/{last,best}/{state.safetensors,
 trainer_state.json} (the same files and fields as device_train, so either loop resumes the other's
@@ -39,12 +39,11 @@ import torch
 
 import prge
 from prge import io
-from prge.batch import step_indices
-from prge.device import (check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset,
-                         write_adapter)
+from prge.data.batch import step_indices
+from prge.engine.formats import check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, write_adapter
 from prge.errors import PrgeError
 
-SOURCE_DIR = Path(__file__).resolve().parents[1] / "native"
+SOURCE_DIR = Path(__file__).resolve().parent / "native"  # package data: a non-editable install builds too
 BINARY = "prge-native-train"
 
 
@@ -191,7 +190,7 @@ def final_b_flat(out_dir: str | os.PathLike) -> torch.Tensor:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m prge.native", description="build the native P-RGE trainer")
+    p = argparse.ArgumentParser(prog="python -m prge.engine.native", description="build the native P-RGE trainer")
     p.add_argument("command", choices=["build", "cmake-dir", "build-command"])
     p.add_argument("--build-dir")
     p.add_argument("--force", action="store_true")
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
         if a.command == "cmake-dir":
             print(executorch_cmake_dir())
         elif a.command == "build-command":
-            print(" && ".join(" ".join(c) for c in build_command(a.build_dir or "native/build")))
+            print(" && ".join(" ".join(c) for c in build_command(a.build_dir or "build/native")))
         else:
             print(build(a.build_dir, force=a.force, log=lambda m: print(m, file=sys.stderr)))
     except PrgeError as e:

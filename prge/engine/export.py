@@ -21,8 +21,8 @@ copies of B) into one `.pte` with these methods, all sharing the program's mutab
                                          per-example summed answer CE and correct tokens (loss "lm")
 
 The host keeps only the step number and g_i = (L⁺_i − L⁻_i)/2ε (one scalar per query), computed
-from the returned losses and passed to the next call; `prge.device` is that loop. Everything
-numeric is `prge.estimator`, the same functions the eager trainer calls, so with `noise="counter"`
+from the returned losses and passed to the next call; `prge.engine.runtime` is that loop. Everything
+numeric is `prge.zo.estimator`, the same functions the eager trainer calls, so with `noise="counter"`
 an engine run follows the eager trajectory (tests/test_export.py checks it).
 
 Noise: "counter" (default): the hash-based generator keyed by (seed, step), identical to eager
@@ -54,14 +54,13 @@ import torch
 from torch import nn
 
 import prge
-from prge import estimator as est
+from prge.zo import estimator as est
 from prge import io
-from prge.batch import Batch, Encoded, collate
-from prge.device import (DATA_FORMAT, FORMAT, FORMAT_VERSION, IDENTITY, check_manifest, load_manifest,  # noqa: F401 (re-exported)
-                         lora_a_path, manifest_path)
+from prge.data.batch import Batch
+from prge.engine.formats import FORMAT, FORMAT_VERSION, METHODS, lora_a_path, manifest_path
 from prge.errors import PrgeError
-from prge.lora import lora_layers, set_copies, use
-from prge.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
+from prge.zo.lora import lora_layers, set_copies, using
+from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
 
 NOISE_MODES = ("counter", "host", "engine")
 QUANTIZE_MODES = (None, "8da4w", "8da8w")
@@ -69,7 +68,6 @@ LOSSES = ("class", "lm")
 # buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
 # which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
 STATE_PATTERNS = ["copies", "eps_prev"]
-METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
 
 
 def vocab_sha256(tokenizer) -> str:
@@ -152,11 +150,8 @@ class StepProgram(nn.Module):
 
     def _copy_losses(self, batch: Batch, which) -> torch.Tensor:
         c = 2 * self.q
-        use(self.model, which)
-        try:
+        with using(self.model, which):
             return copy_losses(self.model, batch.repeat(c), c, self.label_ids if self.loss == "class" else None, self.loss)
-        finally:
-            use(self.model, None)
 
     def read_state(self, g, lr):
         return torch.cat([b.reshape(-1) for b in self._clean(g, lr)])
@@ -176,22 +171,16 @@ class StepProgram(nn.Module):
         return raw[start:start + 1] * 1.0
 
     def evaluate_class(self, input_ids, target_pos, g, lr):
-        use(self.model, [b[None] for b in self._clean(g, lr)])
-        try:
+        with using(self.model, [b[None] for b in self._clean(g, lr)]):
             return label_scores(self.model, Batch(input_ids, target_pos, None, None, None), self.label_ids)
-        finally:
-            use(self.model, None)
 
     def evaluate_lm(self, input_ids, target_pos, target_ids, target_mask, g, lr):
-        use(self.model, [b[None] for b in self._clean(g, lr)])
-        try:
+        with using(self.model, [b[None] for b in self._clean(g, lr)]):
             h = hidden_at(self.model, input_ids, target_pos)
             logits = head(self.model, h)
             ce = (cross_entropy(logits, target_ids) * target_mask).sum(1)
             correct = ((logits.argmax(-1) == target_ids).float() * target_mask).sum(1)
             return ce, correct
-        finally:
-            use(self.model, None)
 
 
 def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, loss: str, noise: str,
@@ -307,7 +296,8 @@ def lower(programs: dict, xnnpack_methods: set[str]):
 def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size: int, max_length: int,
                    answer_slots: int = 1, loss: str = "class", noise: str = "counter", quantize: str | None = None,
                    out_path: str | os.PathLike, model_name: str, label_words: list[str] | None = None,
-                   eval_batch_size: int | None = None, methods: tuple[str, ...] = METHODS, log=None) -> dict:
+                   eval_batch_size: int | None = None, methods: tuple[str, ...] = METHODS, run_defaults: dict | None = None,
+                   log=None) -> dict:
     """Export the P-RGE step of an MP-LoRA `model` as `out_path` (.pte) + manifest; returns the manifest.
 
     The model's LoRA copies are resized to 2q (`set_copies`) and start as the clean B. With
@@ -315,6 +305,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     `eval_batch_size` (default 2q·b, the rows of a training forward) is the evaluate method's N.
     `methods` picks the methods to export (default: all the device loop needs); "forward_losses"
     adds the plain batched forward over the copies (what benchmarks compare the step against).
+    `run_defaults` (seed, steps, lr, eps, ...) is recorded in the manifest: `prge device-train` uses
+    them for the options it is not given, so the device run is the one `prge train` would make.
     """
     log = log or (lambda msg: None)
     if noise not in NOISE_MODES:
@@ -330,7 +322,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
                         "pass positive --q and --batch-size and --max-length >= 2")
     layers = lora_layers(model)
     if not layers:
-        raise PrgeError("the model has no LoRA layers", "add them with prge.lora.add_lora first")
+        raise PrgeError("the model has no LoRA layers", "add them with prge.zo.lora.add_lora first")
     w = next(iter(layers.values())).base.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         raise PrgeError(f"the model is {w.dtype} on {w.device}; the exporter traces a float32 CPU model",
@@ -368,7 +360,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     io.atomic_write_bytes(out_path, data)
 
     # the frozen A matrices and the PEFT adapter config, for the device loop's adapter files
-    from prge import adapters
+    from prge.run import adapters
 
     with tempfile.TemporaryDirectory() as tmp:
         adapters.save_adapter(model, Path(tmp) / "a", model_name)
@@ -414,6 +406,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "methods": {public: METHOD_SIGNATURES[impl] for public, impl in names.items()},
         "adapter_config": adapter_config,
         "lora_a_file": lora_a_path(out_path).name,
+        "run_defaults": dict(run_defaults or {}),
     }
     if noise == "engine":
         manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "
@@ -424,45 +417,3 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
 
 # ------------------------------------------------------------------------------------------------
 # pre-tokenised data for the device loop
-
-
-def write_dataset(path: str | os.PathLike, data, manifest: dict) -> dict:
-    """Write the train and dev examples, padded to the program's (T, K), as one safetensors file.
-
-    `data` is a `prge.train.Setup` (its .train / .dev / .pad_id) or a dict {"train": [Encoded],
-    "dev": [Encoded]} (pad id: manifest["pad_id"]). The file holds, for each split s in train, dev:
-
-        s_input_ids   int32 (n, T)   prompt + answer, right-padded with pad_id
-        s_target_pos  int32 (n, K)   position whose next-token logits predict answer token k
-        s_target_ids  int32 (n, K)   the answer tokens (pad_id in unused slots)
-        s_target_mask float32 (n, K) 1 for real answer tokens
-        s_label       int32 (n,)     class index into the label words, -1 for completions
-
-    and the metadata key "prge" (a JSON string): format, the program's identity fields (model,
-    vocabulary hash, b, T, K, q, loss, label ids, layers) and n_train / n_dev. safetensors is
-    an 8-byte header length, a JSON header, and raw little-endian tensors: trivial to read from C++.
-    Returns the metadata.
-    """
-    if isinstance(data, dict):
-        splits, pad_id = data, manifest["pad_id"]
-    else:
-        splits, pad_id = {"train": data.train, "dev": data.dev}, data.pad_id
-    T, K = manifest["max_length"], manifest["answer_slots"]
-    tensors = {}
-    for split in ("train", "dev"):
-        items: list[Encoded] = list(splits.get(split) or [])
-        if not items:
-            if split == "train":
-                raise PrgeError("no training examples to write", "check the data")
-            continue
-        b = collate(items, pad_id, T, K)
-        tensors[f"{split}_input_ids"] = b.input_ids.to(torch.int32)
-        tensors[f"{split}_target_pos"] = b.target_pos.to(torch.int32)
-        tensors[f"{split}_target_ids"] = b.target_ids.to(torch.int32)
-        tensors[f"{split}_target_mask"] = b.target_mask.to(torch.float32)
-        tensors[f"{split}_label"] = b.label.to(torch.int32)
-    meta = {"format": DATA_FORMAT, "format_version": FORMAT_VERSION, "prge_version": prge.__version__,
-            **{k: manifest[k] for k in IDENTITY if k in manifest},
-            "n_train": len(splits["train"]), "n_dev": len(splits.get("dev") or [])}
-    io.save_tensors(path, tensors, metadata={"format": "pt", "prge": json.dumps(meta)})
-    return meta

@@ -1,0 +1,223 @@
+"""The engine's files, in one place: the program manifest, the pre-tokenised data, the adapter it writes.
+
+A program `X.pte` travels with two files that `prge.engine.export` writes beside it:
+
+    X.pte.json                 the manifest: format, the identity fields below, shapes, the LoRA
+                               layer table (name, shape, offset into the flat B), methods, hashes
+    X.pte.adapter.safetensors  the frozen A matrices, so a run can write a PEFT adapter without the model
+
+and its data is one safetensors file (`write_dataset`). `check_manifest` refuses a program whose
+identity fields (`IDENTITY`) disagree with the data or the model meant for it. This module needs
+only torch, safetensors and prge's small pure modules, so the on-device loop can import it without
+the model code; the C++ runner (`prge/engine/native/`) reads the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import prge
+from prge import io
+from prge.data.batch import Encoded, collate
+from prge.errors import PrgeError
+
+FORMAT = "prge-engine-program"
+FORMAT_VERSION = 1
+DATA_FORMAT = "prge-engine-data"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# fields that must agree between a program's manifest and the data (or model) fed to it, with the
+# export option that changes each
+IDENTITY = {
+    "model": "--model",
+    "vocab_size": "--model (its tokenizer)",
+    "vocab_sha256": "--model (its tokenizer)",
+    "pad_id": "--model (its tokenizer)",
+    "batch_size": "--batch-size",
+    "max_length": "--max-length",
+    "answer_slots": "--max-length and the data (answer tokens per example)",
+    "q": "--q",
+    "loss": "--loss",
+    "label_ids": "--task / --label-words",
+    "layers": "--rank / --targets / --layers",
+}
+SPLIT_FIELDS = ("input_ids", "target_pos", "target_ids", "target_mask", "label")
+# the options of a device run that a program records at export ("run_defaults" in the manifest)
+RUN_DEFAULTS = ("seed", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize")
+# the methods `prge export` writes by default and training needs (the C++ runner loads the same list)
+METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
+
+
+# ------------------------------------------------------------------------------------------------
+# manifest and data
+
+
+def manifest_path(program_path: str | os.PathLike) -> Path:
+    return Path(str(program_path) + ".json")
+
+
+def lora_a_path(program_path: str | os.PathLike) -> Path:
+    return Path(str(program_path) + ".adapter.safetensors")
+
+
+def load_manifest(program_path: str | os.PathLike) -> dict:
+    path = manifest_path(program_path)
+    if not path.is_file():
+        raise PrgeError(f"{path} not found (every prge program has its manifest beside it)",
+                        "export the program with `prge export`, which writes both")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise PrgeError(f"{path} is not valid JSON ({e})", "re-export the program") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PrgeError(f"{path} is not a prge program manifest", "re-export the program with `prge export`")
+    return manifest
+
+
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 48 else s[:22] + "…" + s[-22:]
+
+
+def check_manifest(manifest: dict, data_meta: dict) -> None:
+    """Refuse a program whose manifest disagrees with the data (or model) meant for it.
+
+    Compares every identity field present in both (model, tokenizer vocabulary, b, T, K, q, loss,
+    label ids, LoRA layers) and raises a PrgeError naming the first difference and the fix.
+    `data_meta` is a dataset's metadata (`read_dataset`) or `prge.engine.export.model_meta(model, tok)`.
+    """
+    if manifest.get("format") != FORMAT:
+        raise PrgeError("not a prge program manifest", "export the program with `prge export`")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise PrgeError(f"the program was exported by a newer prge (manifest version {manifest.get('format_version')})",
+                        "upgrade prge or re-export the program with this version")
+    name = manifest.get("program", "the program")
+    for key, flag in IDENTITY.items():
+        if key not in manifest or key not in data_meta or manifest[key] == data_meta[key]:
+            continue
+        if key == "layers":
+            a = [(x["name"], tuple(x["shape"])) for x in manifest[key]]
+            b = [(x["name"], tuple(x["shape"])) for x in data_meta[key]]
+            if a == b:
+                continue
+            diff = next((f"{x} vs {y}" for x, y in zip(a, b) if x != y), f"{len(a)} vs {len(b)} layers")
+            what = f"its LoRA layers differ from the data/model's ({diff})"
+        else:
+            what = f"{key} is {_short(manifest[key])} in the program but {_short(data_meta[key])} in the data/model"
+        raise PrgeError(f"{name} does not match: {what}",
+                        f"re-export the program for this data/model (prge export ... {flag}); "
+                        "prge export writes a matching dataset beside the program")
+
+
+def read_dataset(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by `prge.engine.formats.write_dataset`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrgeError(f"data file {path} not found", "pass the .data.safetensors file that `prge export` wrote")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("prge")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise PrgeError(f"{path} is not a readable data file ({e})", "write it again with `prge export`") from None
+    try:
+        meta = json.loads(raw_meta) if raw_meta else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
+        raise PrgeError(f"{path} is not a prge engine data file (no 'prge' metadata)", "write it with `prge export`")
+    for split in ("train", "dev"):
+        n = meta.get(f"n_{split}", 0)
+        for f in SPLIT_FIELDS:
+            t = tensors.get(f"{split}_{f}")
+            if n and (t is None or t.shape[0] != n):
+                raise PrgeError(f"{path}: {split}_{f} is missing or has the wrong length", "write the file again")
+    return tensors, meta
+
+
+def check_data_shapes(tensors: dict[str, torch.Tensor], manifest: dict, path) -> None:
+    T, K = manifest["max_length"], manifest["answer_slots"]
+    for split in ("train", "dev"):
+        ids = tensors.get(f"{split}_input_ids")
+        if ids is None:
+            continue
+        if ids.shape[1] != T or tensors[f"{split}_target_pos"].shape[1] != K:
+            raise PrgeError(f"{path}: {split} examples are padded to T={ids.shape[1]}, K={tensors[f'{split}_target_pos'].shape[1]}; "
+                            f"the program takes T={T}, K={K}", "write the data for this program with `prge export`")
+        if int(ids.max()) >= manifest["vocab_size"] or int(ids.min()) < 0:
+            raise PrgeError(f"{path}: token ids outside the program's vocabulary", "write the data for this program")
+
+
+def write_adapter(folder: str | os.PathLike, manifest: dict, lora_a: dict[str, torch.Tensor], b_flat: torch.Tensor) -> Path:
+    """Write a PEFT LoRA adapter from the flat clean B (read_state) and the export-time A matrices,
+    in exactly the format of `prge.run.adapters.save_adapter` (the config was taken from it at export)."""
+    tensors = {}
+    for layer in manifest["layers"]:
+        name, (out, r), off = layer["name"], layer["shape"], layer["offset"]
+        a_key = f"{PEFT_PREFIX}{name}.lora_A.weight"
+        if a_key not in lora_a:
+            raise PrgeError(f"the program's A matrices lack {name}", "re-export the program")
+        tensors[a_key] = lora_a[a_key]
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b_flat[off:off + out * r].reshape(out, r).clone()
+    folder = Path(folder)
+    with io.atomic_dir(folder) as tmp:
+        io.atomic_write_json(Path(tmp) / ADAPTER_CONFIG, manifest["adapter_config"])
+        io.save_tensors(Path(tmp) / ADAPTER_WEIGHTS, tensors)
+    return folder
+
+
+
+
+def final_b(out_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The B matrices of a finished run's adapter, by module name (for tests and tools)."""
+    t = io.load_tensors(Path(out_dir) / "adapter" / ADAPTER_WEIGHTS)
+    return {k[len(PEFT_PREFIX):-len(".lora_B.weight")]: v for k, v in t.items() if k.endswith(".lora_B.weight")}
+
+
+def write_dataset(path: str | os.PathLike, data, manifest: dict) -> dict:
+    """Write the train and dev examples, padded to the program's (T, K), as one safetensors file.
+
+    `data` is a `prge.run.train.Setup` (its .train / .dev / .pad_id) or a dict {"train": [Encoded],
+    "dev": [Encoded]} (pad id: manifest["pad_id"]). The file holds, for each split s in train, dev:
+
+        s_input_ids   int32 (n, T)   prompt + answer, right-padded with pad_id
+        s_target_pos  int32 (n, K)   position whose next-token logits predict answer token k
+        s_target_ids  int32 (n, K)   the answer tokens (pad_id in unused slots)
+        s_target_mask float32 (n, K) 1 for real answer tokens
+        s_label       int32 (n,)     class index into the label words, -1 for completions
+
+    and the metadata key "prge" (a JSON string): format, the program's identity fields (model,
+    vocabulary hash, b, T, K, q, loss, label ids, layers) and n_train / n_dev. safetensors is
+    an 8-byte header length, a JSON header, and raw little-endian tensors: trivial to read from C++.
+    Returns the metadata.
+    """
+    if isinstance(data, dict):
+        splits, pad_id = data, manifest["pad_id"]
+    else:
+        splits, pad_id = {"train": data.train, "dev": data.dev}, data.pad_id
+    T, K = manifest["max_length"], manifest["answer_slots"]
+    tensors = {}
+    for split in ("train", "dev"):
+        items: list[Encoded] = list(splits.get(split) or [])
+        if not items:
+            if split == "train":
+                raise PrgeError("no training examples to write", "check the data")
+            continue
+        b = collate(items, pad_id, T, K)
+        tensors[f"{split}_input_ids"] = b.input_ids.to(torch.int32)
+        tensors[f"{split}_target_pos"] = b.target_pos.to(torch.int32)
+        tensors[f"{split}_target_ids"] = b.target_ids.to(torch.int32)
+        tensors[f"{split}_target_mask"] = b.target_mask.to(torch.float32)
+        tensors[f"{split}_label"] = b.label.to(torch.int32)
+    meta = {"format": DATA_FORMAT, "format_version": FORMAT_VERSION, "prge_version": prge.__version__,
+            **{k: manifest[k] for k in IDENTITY if k in manifest},
+            "n_train": len(splits["train"]), "n_dev": len(splits.get("dev") or [])}
+    io.save_tensors(path, tensors, metadata={"format": "pt", "prge": json.dumps(meta)})
+    return meta

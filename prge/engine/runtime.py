@@ -1,0 +1,297 @@
+"""The on-device training loop: an exported P-RGE program, pre-tokenised data, the stock runtime.
+
+This is what a phone app would do, written in Python against `executorch.runtime` only: no model
+code, no transformers, no tokenizer (tests/test_export.py checks `sys.modules` after a run). Per
+step the host picks the step's examples (`batch.step_indices`, seeded by (seed, step)), calls
+
+    losses = train_step(batch..., lr, eps, g_prev, key=[seed, step])     # 2q losses
+
+and computes g_i = (L⁺_i − L⁻_i) / 2ε (`estimator.projected_grad`) for the next call. The B
+matrices never leave the program; the host holds the step number and the q numbers g.
+
+Run folder (`out_dir`):
+    metrics.jsonl            one row per step ({"step","loss","g_abs","seconds"}) and per evaluation
+    checkpoints/last/        state.safetensors (the program's raw state: the ± copies and ε, plus g),
+                             trainer_state.json (step, seed, lr, eps, program hash, best accuracy),
+                             and the adapter of that step (PEFT files): resume from here; written
+                             after the first evaluation, at every evaluation and every
+                             `checkpoint_every` steps
+    checkpoints/best/        the PEFT adapter at the best dev accuracy seen
+    adapter/                 the final adapter (PEFT: adapter_config.json + adapter_model.safetensors)
+    summary.json
+
+Resuming writes the checkpoint's raw state back into the program (`write_raw`) and continues with
+its g and step: the same bits as an uninterrupted run (noise "counter" or "host"; "engine" noise is
+not reproducible at all).
+
+The file formats (manifest, data, adapter) are `prge.engine.formats`; like it, this loop needs
+nothing but torch, `executorch.runtime` and prge's small pure modules (not the model code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+import prge
+from prge.zo import estimator as est
+from prge import io
+from prge.data.batch import step_indices
+from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, load_manifest, lora_a_path,
+                                  read_dataset, write_adapter)
+from prge.errors import PrgeError
+from prge.log import say
+from prge.run import loop
+from prge.run.loop import Plan
+from prge.zo.schedule import check_schedule, lr_at
+
+# ------------------------------------------------------------------------------------------------
+# the program
+
+
+class Engine:
+    """A loaded program: its methods, called with tensors. Every method is loaded right after the
+    program, before any call: loading a method later re-initialises the shared state."""
+
+    def __init__(self, program_path: str | os.PathLike, manifest: dict):
+        path = Path(program_path)
+        if not path.is_file():
+            raise PrgeError(f"program {path} not found", "pass the .pte that `prge export` wrote")
+        size = path.stat().st_size
+        if manifest.get("program_bytes") not in (None, size):
+            raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
+                            "export the program again (the manifest and the .pte are written together)")
+        try:
+            from executorch.runtime import Runtime
+
+            program = Runtime.get().load_program(path)
+            self.methods = {name: program.load_method(name) for name in manifest["methods"]}
+        except PrgeError:
+            raise
+        except Exception as e:
+            raise PrgeError(f"the runtime cannot load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                            "export the program again") from None
+        self._program = program
+        self.manifest = manifest
+
+    def __call__(self, method: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.methods[method].execute(list(inputs)))
+
+
+def _f(x: float) -> torch.Tensor:
+    return torch.tensor([x], dtype=torch.float32)
+
+
+def host_noise(manifest: dict, key: torch.Tensor) -> torch.Tensor:
+    """z (q, total) for noise mode "host": the estimator's streams, drawn here."""
+    q = manifest["q"]
+    parts = [z.reshape(q, -1) for z in est.all_noise(key, q, [tuple(layer["shape"]) for layer in manifest["layers"]])]
+    return torch.cat(parts, dim=1)
+
+
+def _rows(tensors: dict, split: str, idx: list[int] | torch.Tensor) -> list[torch.Tensor]:
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    out = []
+    for f in SPLIT_FIELDS:
+        t = tensors[f"{split}_{f}"].index_select(0, idx)
+        out.append(t.float() if f == "target_mask" else t.long())
+    return out
+
+
+def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: str = "dev") -> dict:
+    """{"accuracy", "loss", "n"} over a split, with the clean B (pending update folded in).
+
+    Classification: label-word accuracy and CE over the label words; completions: answer-token
+    accuracy and per-token CE (as `prge.run.evaluate`)."""
+    m = engine.manifest
+    n = tensors[f"{split}_input_ids"].shape[0]
+    N = m["eval_batch_size"]
+    correct = loss = tokens = 0.0
+    counts = torch.zeros(len(m["label_ids"] or [0]))
+    for start in range(0, n, N):
+        idx = list(range(start, min(start + N, n)))
+        k = len(idx)
+        idx = idx + [idx[0]] * (N - k)  # the method's batch is static: fill with a repeat, ignore it
+        ids, pos, tids, mask, label = _rows(tensors, split, idx)
+        if m["label_ids"] is not None:
+            scores = engine("evaluate", ids, pos[:, :1].contiguous(), g, _f(lr))[0][:k]
+            pred = scores.argmax(-1)
+            correct += float((pred == label[:k]).sum())
+            counts += torch.bincount(pred, minlength=len(counts)).float()
+            lse = torch.logsumexp(scores, -1)
+            loss += float((lse - scores.gather(1, label[:k, None]).squeeze(1)).sum())
+            tokens += k
+        else:
+            ce, right = engine("evaluate", ids, pos, tids, mask, g, _f(lr))[:2]
+            correct += float(right[:k].sum())
+            loss += float(ce[:k].sum())
+            tokens += float(mask[:k].sum())
+    out = {"accuracy": correct / max(tokens, 1), "loss": loss / max(tokens, 1), "n": n}
+    if m["label_ids"] is not None:
+        out["label_share"] = (counts / max(n, 1)).tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(folder: Path, engine: Engine, lora_a: dict, step: int, g: torch.Tensor, state: dict, lr: float) -> None:
+    """The raw program state (bit-exact resume) + g + step, and the adapter of this step (its pending
+    update folded in at `lr`), atomically."""
+    raw = engine("read_raw")[0]
+    b = engine("read_state", g, _f(lr))[0]
+    with io.atomic_dir(folder) as tmp:
+        tmp = Path(tmp)
+        io.save_tensors(tmp / "state.safetensors", {"raw": raw, "g": g})
+        io.atomic_write_json(tmp / "trainer_state.json", {"step": step, **state})
+        write_adapter(tmp / "adapter", engine.manifest, lora_a, b)
+
+
+def load_checkpoint(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    folder = io.resolve_dir(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        raise PrgeError(f"nothing to resume in {folder} (no trainer_state.json)", "run without --resume to start fresh")
+    try:
+        state = json.loads(state_file.read_text())
+        assert isinstance(state, dict) and isinstance(state["step"], int)
+    except (ValueError, AssertionError, KeyError):
+        raise PrgeError(f"{state_file} is damaged", "delete the checkpoint folder and start again, or restore it") from None
+    tensors = io.load_tensors(folder / "state.safetensors")
+    raw, g = tensors.get("raw"), tensors.get("g")
+    size = manifest["copies"] * manifest["total"] + 1
+    if raw is None or g is None or raw.shape != (size,) or g.shape != (manifest["q"],) or raw.dtype != torch.float32:
+        raise PrgeError(f"{folder}/state.safetensors does not hold this program's state "
+                        f"(expected raw ({size},) and g ({manifest['q']},))", "resume with the program that wrote it")
+    if state.get("program_sha256") not in (None, manifest.get("program_sha256")):
+        raise PrgeError(f"the checkpoint in {folder} was written by another program", "resume with the program that wrote it")
+    if not torch.isfinite(raw).all():
+        raise PrgeError(f"the checkpoint in {folder} holds non-finite values", "restore an earlier checkpoint")
+    return raw, g, state
+
+
+# ------------------------------------------------------------------------------------------------
+# the engine stepper and the run
+
+
+class EngineStepper:
+    """`prge.run.loop.Stepper` over the exported program: the host keeps the step and the q values of g.
+
+    The update made from step t's g is applied by call t + 1 (or folded in by evaluate / read_state)
+    with the lr of step t, as in the eager trainer."""
+
+    def __init__(self, engine: Engine, tensors: dict, lora_a: dict, *, seed: int, lr: float, lr_schedule: str,
+                 eps: float, steps: int, normalize: bool, log=say):
+        self.engine, self.tensors, self.lora_a, self.log = engine, tensors, lora_a, log
+        self.m = engine.manifest
+        self.seed, self.lr, self.lr_schedule, self.eps, self.steps, self.normalize = seed, lr, lr_schedule, eps, steps, normalize
+        self.g = torch.zeros(self.m["q"])
+        self.n_train = tensors["train_input_ids"].shape[0]
+        self.has_dev = "dev_input_ids" in tensors and tensors["dev_input_ids"].shape[0] > 0
+        self.last = Path("checkpoints") / "last"  # named in the non-finite-loss error; device_train sets the real path
+
+    def lr_of(self, step: int) -> float:
+        """The lr of the pending update made from step `step`'s g."""
+        return lr_at(self.lr, self.lr_schedule, step, self.steps)
+
+    def identity(self) -> dict:
+        """What a checkpoint records so that a resume can refuse another seed or program."""
+        return {"seed": self.seed, "lr": self.lr, "lr_schedule": self.lr_schedule, "eps": self.eps,
+                "normalize": self.normalize, "program_sha256": self.m.get("program_sha256")}
+
+    def start(self) -> tuple[dict | None, dict | None]:
+        if not self.has_dev:
+            return None, None
+        ev = evaluate(self.engine, self.tensors, self.g, self.lr_of(0))
+        self.log(f"before training: dev accuracy {ev['accuracy']:.4f} (n={ev['n']})")
+        return ev, ev
+
+    def step(self, step: int) -> tuple[float, float]:
+        q = self.m["q"]
+        batch = _rows(self.tensors, "train", step_indices(self.n_train, self.m["batch_size"], self.seed, step))
+        key = torch.tensor([self.seed, step], dtype=torch.int64)
+        extra = [host_noise(self.m, key)] if self.m["noise"] == "host" else []
+        losses = self.engine("train_step", *batch, _f(self.lr_of(step - 1)), _f(self.eps), self.g, key, *extra)[0]
+        if not torch.isfinite(losses).all():
+            raise PrgeError(f"non-finite loss at step {step} ({losses.tolist()}); the last good checkpoint is kept in {self.last}",
+                            "lower --lr or --eps and resume, or start again")
+        self.g = est.projected_grad(losses[:q], losses[q:], self.eps, self.normalize)
+        return float(losses.mean()), float(self.g.abs().mean())
+
+    def evaluate(self, step: int) -> dict | None:
+        return evaluate(self.engine, self.tensors, self.g, self.lr_of(step)) if self.has_dev else None
+
+    def save(self, folder: Path, step: int, state: dict) -> None:
+        save_checkpoint(folder, self.engine, self.lora_a, step, self.g, {**self.identity(), **state}, self.lr_of(step))
+
+    def load(self, folder: Path) -> dict:
+        raw, g, saved = load_checkpoint(folder, self.m)
+        if saved.get("seed") != self.seed:
+            raise PrgeError(f"the checkpoint was trained with seed {saved.get('seed')}, not {self.seed}",
+                            f"resume with --seed {saved.get('seed')} (the seed picks the examples and the noise of every step)")
+        self.engine("write_raw", raw)
+        self.g = g
+        return saved
+
+    def final_b(self, step: int) -> torch.Tensor:
+        """The clean B after `step`, its pending update folded in, flattened in manifest order."""
+        return self.engine("read_state", self.g, _f(self.lr_of(step)))[0]
+
+
+def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
+                 normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
+                 stop_after: int | None = None, checkpoint_every: int = 25, log=say) -> dict:
+    """Train with the exported program; returns the summary (also written to out_dir/summary.json).
+
+    `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
+    (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`prge.zo.schedule.lr_at`)
+    decays the lr over `steps`. `stop_after` ends early after that step with a checkpoint (tests use
+    it to simulate an interruption). With `resume`, continue from out_dir/checkpoints/last exactly.
+    Cadence, checkpoints and resume are `prge.run.loop`'s, as in `prge train`.
+    """
+    if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
+        raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}, checkpoint_every={checkpoint_every}",
+                        "pass --steps >= 0, --eps > 0, --eval-every >= 0, --checkpoint-every >= 0")
+    check_schedule(lr_schedule)
+    program_path, out_dir = Path(program_path), Path(out_dir)
+    manifest = load_manifest(program_path)
+    missing = [m for m in METHODS if m not in manifest.get("methods", {})]
+    if missing:
+        raise PrgeError(f"{program_path} lacks the methods {missing} that training needs", "export it with `prge export`")
+    tensors, meta = read_dataset(data_path)
+    check_manifest(manifest, meta)
+    check_data_shapes(tensors, manifest, data_path)
+    if normalize and manifest["q"] < 2:
+        raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)",
+                        "export the program with --q 2 or more, or drop --normalize")
+    if manifest.get("quantization") and eps < 1e-2:
+        warnings.warn(f"eps={eps} with a {manifest['quantization']} base: activation quantisation noise swamps "
+                      "L+ - L- at small eps; use eps >= 1e-2", stacklevel=2)
+    if manifest["noise"] == "engine":
+        log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
+    lora_a = io.load_tensors(lora_a_path(program_path))
+    stepper = EngineStepper(Engine(program_path, manifest), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
+                            eps=eps, steps=steps, normalize=normalize, log=log)
+    stepper.last = out_dir / "checkpoints" / "last"
+    plan = Plan(steps, eval_every, checkpoint_every, progress, "device-train", stop_after)
+    state = loop.train(stepper, plan, out_dir, out_dir / "checkpoints" / "last" if resume else None, log=log)
+    if state["stopped"]:
+        return {"stopped_at": state["end"], "run_dir": str(out_dir)}
+    write_adapter(out_dir / "adapter", manifest, lora_a, stepper.final_b(state["end"]))
+    last_acc = state["last_accuracy"]
+    summary = {"program": str(program_path), "model": manifest["model"], "steps": steps, "q": manifest["q"],
+               "batch_size": manifest["batch_size"], "noise": manifest["noise"], "seed": seed, "minutes": state["seconds"] / 60,
+               "dev_before": state["before"], "dev_after": last_acc, "best_dev": state["best_accuracy"],
+               "best_step": state["best_step"], "adapter": str(out_dir / "adapter"),
+               "best_adapter": str(out_dir / "checkpoints" / "best" / "adapter"), "prge_version": prge.__version__}
+    io.atomic_write_json(out_dir / "summary.json", summary)
+    log(f"device training done: {steps} steps in {state['seconds'] / 60:.1f} min; dev accuracy "
+        f"{state['before'] if state['before'] is not None else float('nan'):.4f} -> "
+        f"{last_acc if last_acc is not None else float('nan'):.4f}; adapter (PEFT format): {out_dir / 'adapter'}")
+    return summary
