@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """(e) ExecuTorch's own first-order training of the same LoRA-FA model: seconds per SGD step, peak RSS.
 
-What runs: the model of the other benchmark variants (`build(config, rank)` of benchmarks/speed.py:
+What runs: the model of the other benchmark variants (`build(config, rank)` of benchmarks/bench_models.py:
 HF Llama, MP-LoRA r = 8 / alpha 16 on all 7 projections, the clean B: the
 plain single-copy LoRA forward), wrapped in `LossModule`, whose forward(input_ids, target_pos,
 target_ids, target_mask, label) — the five tensors of `Batch.tensors()` — returns the scalar
@@ -105,7 +105,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import workers  # noqa: E402
-from benchmarks.speed import CONFIGS, batch, build  # noqa: E402
+from benchmarks.bench_models import CONFIGS, batch, build  # noqa: E402
 from benchmarks.workers import report, set_threads  # noqa: E402
 
 import torch

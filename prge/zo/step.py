@@ -2,7 +2,7 @@
 
 Both draw z_i for step t from the same generator (`estimator.noise`, keyed by [seed, t]) and apply
 the same `estimator.update`, so with the same seed, q and batch they produce the same update up to
-float rounding (tests/test_zo.py checks it):
+float rounding (tests/test_estimator.py checks it):
 
 - `prge_step(..., mode="dual")`: one forward of batch 2q·b; block k uses copy k of B,
   copies = [B + εz_1..q, B − εz_1..q].
