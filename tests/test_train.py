@@ -1,6 +1,7 @@
 """A training run end to end on a tiny model: outputs, resume, methods, and bad input at the CLI."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,21 @@ def test_user_jsonl_completion_data(tiny, tmp_path):
     f.write_text("".join(json.dumps({"prompt": f"the movie {i} was", "completion": " great"}) + "\n" for i in range(20)))
     summary = run(cfg(tiny, tmp_path / "u", train_file=str(f), steps=2, eval_every=0))
     assert summary["task"] == "d" and summary["n_test"] == 2
+
+
+def test_completion_runs_report_loss_and_perplexity_and_n_test_caps_the_eval_file(tiny, tmp_path, capsys):
+    f, e = tmp_path / "d.jsonl", tmp_path / "e.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"the movie {i} was", "completion": " great"}) + "\n" for i in range(20)))
+    e.write_text("".join(json.dumps({"prompt": f"a film {i} was", "completion": " fine"}) + "\n" for i in range(10)))
+    summary = run(cfg(tiny, tmp_path / "u", train_file=str(f), eval_file=str(e), n_test=3, steps=2, eval_every=0))
+    assert summary["n_test"] == 3
+    for k in ("before", "after_last", "after_best"):
+        assert summary[f"test_perplexity_{k}"] == pytest.approx(math.exp(summary[f"test_loss_{k}"]))
+    assert summary["test_loss_before"] > 0
+    err = capsys.readouterr().err
+    assert "test token accuracy: before" in err and "perplexity" in err
+    saved = json.loads((tmp_path / "u" / "summary.json").read_text())
+    assert saved["test_perplexity_after_last"] == summary["test_perplexity_after_last"]
 
 
 def test_user_classification_csv(tiny, tmp_path):

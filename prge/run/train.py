@@ -86,7 +86,12 @@ def load_data(cfg: TrainConfig, tokenizer):
         train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
                                           label_words=words, tokenizer=tokenizer)
         words = info.get("label_words")
-        return Path(cfg.train_file).stem, "classification" if words else "completion", train, dev, dev, words
+        test = dev
+        if cfg.n_test is not None and cfg.n_test < len(dev):  # --n-test caps the evaluation file's test use too
+            from prge.data.sampling import seeded_sample
+
+            test, _ = seeded_sample(dev, cfg.n_test, cfg.seed, what="evaluation rows")
+        return Path(cfg.train_file).stem, "classification" if words else "completion", train, dev, test, words
     from prge.data.tasks import load_task
 
     data = load_task(cfg.task, cfg.data_root, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
