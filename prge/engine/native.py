@@ -1,8 +1,12 @@
 """The native (C++) device trainer: build it, feed it, run it, turn its B into PEFT adapters.
 
-`prge/engine/native/prge_native_train.cpp` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
+`prge/engine/native/` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
 runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
-`find_package(executorch)` in `<executorch package>/share/cmake`). This module:
+`find_package(executorch)` in `<executorch package>/share/cmake`; JSON with nlohmann-json): main.cpp
+(entry), loop.cpp (prge/run/loop.py's rules), program.cpp (loading and the program's
+self-description), data.cpp (data file and plan), options.cpp, safetensors.cpp, files.cpp, and
+weight_cache.cpp (XNNPACK's shared packed weights, also built as a library for the Python loop).
+This module:
 
     build()              configures and builds it with cmake into ~/.cache/prge/native/<key>
                          (key: a hash of the sources and the executorch version; reused if present)
@@ -71,8 +75,10 @@ def build_command(build_dir: str | os.PathLike, jobs: int = 2) -> list[list[str]
             ["cmake", "--build", str(build_dir), f"-j{jobs}"]]
 
 
-def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool = False, log=None) -> Path:
-    """Build the binary (if not built already for these sources and this executorch); its path."""
+def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool = False, log=None,
+          target: str | None = None) -> Path:
+    """Build the binary (if not built already for these sources and this executorch); its path.
+    `target=WEIGHT_CACHE_LIB` builds only the weight-cache library (seconds) and returns its path."""
     log = log or (lambda m: None)
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
@@ -92,11 +98,14 @@ def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool
             pass
         build_dir = _cache_root() / h.hexdigest()[:16]
     build_dir = Path(build_dir)
-    exe = build_dir / BINARY
+    exe = build_dir / (f"lib{target}.so" if target else BINARY)
     if exe.is_file() and not force:
         return exe
     t0 = time.time()
-    for cmd in build_command(build_dir, jobs):
+    cmds = build_command(build_dir, jobs)
+    if target:
+        cmds[-1] += ["--target", target]
+    for cmd in cmds:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -104,6 +113,37 @@ def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool
                             "check the toolchain (g++ >= 9, cmake >= 3.19) and the executorch install")
     log(f"built {exe} in {time.time() - t0:.0f} s")
     return exe
+
+
+WEIGHT_CACHE_LIB = "prge_weight_cache"
+_weight_cache_lib = None
+
+
+def set_weight_cache(on: bool, log=None) -> bool:
+    """Switch XNNPACK's shared packed-weight cache on or off for programs this process loads next
+    (`weight_cache.h`: the methods of a program then share one packed copy of the weights).
+
+    `executorch.runtime` has no API for backend options, so this loads a small library built from
+    the native sources (cmake and a C++ compiler, cached like the trainer) that calls the runtime's
+    public `set_option` in the wheel's shared libexecutorch.so, the one the Python bindings use.
+    Returns whether the option was set; without a toolchain it logs why and returns False."""
+    global _weight_cache_lib
+    import ctypes
+
+    if _weight_cache_lib is None:
+        import executorch.runtime  # noqa: F401  (loads the wheel's runtime libraries first)
+
+        try:
+            _weight_cache_lib = ctypes.CDLL(str(build(target=WEIGHT_CACHE_LIB, log=log)))
+        except PrgeError as e:
+            (log or (lambda m: None))(f"prge: XNNPACK weight cache unavailable ({str(e).splitlines()[0]}); "
+                                      "each method keeps its own packed weights")
+            return False
+    rc = _weight_cache_lib.prge_set_weight_cache(int(bool(on)))
+    if rc != 0:
+        raise PrgeError(f"the runtime refused the XNNPACK weight-cache option (error {rc})",
+                        "check that the executorch wheel ships its XNNPACK backend")
+    return True
 
 
 def write_plan(path: str | os.PathLike, n_train: int, batch_size: int, seed: int, steps: int) -> Path:
@@ -126,7 +166,7 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", stop_after: int | None = None,
                  checkpoint_every: int = 25, binary: str | os.PathLike | None = None,
-                 threads: int | None = None, log=None) -> dict:
+                 threads: int | None = None, weight_cache: bool = True, log=None) -> dict:
     """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     program_path, out_dir = Path(program_path), Path(out_dir)
@@ -146,6 +186,7 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     cmd = [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
            "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
            "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every), "--lr-schedule", lr_schedule]
+    cmd += ["--weight-cache", "on" if weight_cache else "off"]
     cmd += ["--normalize"] if normalize else []
     cmd += ["--resume"] if resume else []
     cmd += ["--stop-after", str(stop_after)] if stop_after else []
