@@ -115,6 +115,92 @@ def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool
     return exe
 
 
+# cross builds: arch -> (compiler, toolchain file, wheel platform tag, ELF e_machine)
+CROSS = {"aarch64": ("aarch64-linux-gnu-g++", "aarch64-linux-gnu.cmake", "manylinux_2_28_aarch64", 0xB7)}
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
+
+
+def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=None) -> Path:
+    """Build the trainer for another architecture (Debian's cross compiler) against that
+    architecture's executorch wheel (same version as installed here, downloaded once with pip into
+    the cache and unpacked: its lib/, include/ and share/cmake are all the build needs). The binary."""
+    import zipfile
+    from importlib.metadata import version
+
+    log = log or (lambda m: None)
+    if arch not in CROSS:
+        raise PrgeError(f"no cross build for {arch!r}", f"choose one of {', '.join(CROSS)}")
+    compiler, toolchain, platform_tag, _ = CROSS[arch]
+    for tool in ("cmake", compiler):
+        if shutil.which(tool) is None:
+            raise PrgeError(f"{tool} not found: the {arch} trainer is cross-built with cmake and {compiler}",
+                            f"install them (Debian: apt-get install cmake g++-{arch}-linux-gnu)")
+    et_version = version("executorch")
+    root = _cache_root() / f"{arch}-executorch-{et_version}"
+    package = root / "executorch"
+    if not (package / "share" / "cmake" / "executorch-config.cmake").is_file():
+        wheels = root / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+               "--platform", platform_tag, "--python-version", "3.11", f"executorch=={et_version}", "-d", str(wheels)]
+        log(f"downloading the {arch} executorch {et_version} wheel")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("executorch-*.whl"))
+        if r.returncode != 0 or not found:
+            raise PrgeError(f"cannot download the {arch} executorch {et_version} wheel ({(r.stderr.strip().splitlines() or ['?'])[-1]})",
+                            f"check the network, or unpack the wheel's executorch/ folder into {package}")
+        with zipfile.ZipFile(found[0]) as z:
+            z.extractall(root, [n for n in z.namelist() if n.startswith(("executorch/lib/", "executorch/include/", "executorch/share/"))])
+    # nlohmann/ alone on the include path: the host's /usr/include must not leak into a cross build
+    json_include = root / "json-include"
+    if not (json_include / "nlohmann" / "json.hpp").exists():
+        header = next((Path(d) / "nlohmann" for d in ("/usr/include", "/usr/local/include") if (Path(d) / "nlohmann" / "json.hpp").is_file()), None)
+        if header is None:
+            raise PrgeError("nlohmann/json.hpp not found", "install it (Debian: apt-get install nlohmann-json3-dev)")
+        json_include.mkdir(parents=True, exist_ok=True)
+        (json_include / "nlohmann").symlink_to(header)
+    h = hashlib.sha256(arch.encode() + et_version.encode())
+    for f in sorted(SOURCE_DIR.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    build_dir = _cache_root() / f"{arch}-{h.hexdigest()[:16]}"
+    exe = build_dir / BINARY
+    if exe.is_file() and not force:
+        return exe
+    t0 = time.time()
+    for cmd in ([["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DCMAKE_TOOLCHAIN_FILE={SOURCE_DIR / toolchain}", f"-Dexecutorch_DIR={package / 'share' / 'cmake'}",
+                  f"-DPRGE_JSON_INCLUDE={json_include}"],
+                 ["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", BINARY]]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+            raise PrgeError(f"cross-building the {arch} trainer failed ({' '.join(cmd[:2])} ...):\n{tail}",
+                            f"check {compiler} and the unpacked wheel in {package}")
+    log(f"built {exe} for {arch} in {time.time() - t0:.0f} s")
+    return exe
+
+
+def binary_machine(exe: str | os.PathLike) -> str | None:
+    """The architecture an ELF binary is built for ("x86_64", "aarch64"), or None if not an ELF file."""
+    with open(exe, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        return None
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], "little"), f"ELF machine {int.from_bytes(head[18:20], 'little'):#x}")
+
+
+def check_runs_here(exe: str | os.PathLike) -> None:
+    """Refuse a binary built for another architecture with one line, before running it."""
+    import platform
+
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    built = binary_machine(exe)
+    if built is not None and built != here:
+        raise PrgeError(f"{exe} is built for {built}, but this machine is {here}",
+                        "build the trainer here (python -m prge.engine.native build), or run it through an emulator "
+                        f"(launcher=['qemu-{built}', '-L', '/usr/{built}-linux-gnu'])")
+
+
 WEIGHT_CACHE_LIB = "prge_weight_cache"
 _weight_cache_lib = None
 
@@ -166,7 +252,8 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", stop_after: int | None = None,
                  checkpoint_every: int = 25, binary: str | os.PathLike | None = None,
-                 threads: int | None = None, weight_cache: bool = True, log=None) -> dict:
+                 threads: int | None = None, weight_cache: bool = True, launcher: list[str] | None = None,
+                 log=None) -> dict:
     """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     program_path, out_dir = Path(program_path), Path(out_dir)
@@ -178,12 +265,14 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")
     exe = Path(binary) if binary else build(log=log)
+    if not launcher:  # an emulator (launcher, e.g. ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]) runs a foreign binary
+        check_runs_here(exe)
     n_train = tensors["train_input_ids"].shape[0]
     # the plan goes to a temporary folder (it is cheap to rebuild and the same on resume), so a run the
     # binary refuses leaves nothing in out_dir
     tmp = tempfile.TemporaryDirectory(prefix="prge-plan-")
     plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps)
-    cmd = [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
+    cmd = list(launcher or []) + [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
            "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
            "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every), "--lr-schedule", lr_schedule]
     cmd += ["--weight-cache", "on" if weight_cache else "off"]
@@ -232,7 +321,9 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m prge.engine.native", description="build the native P-RGE trainer")
-    p.add_argument("command", choices=["build", "cmake-dir", "build-command"])
+    p.add_argument("command", choices=["build", "cross-build", "cmake-dir", "build-command"],
+                   help="build: for this machine; cross-build: for --arch with Debian's cross compiler")
+    p.add_argument("--arch", default="aarch64", choices=sorted(CROSS), help="cross-build's target architecture")
     p.add_argument("--build-dir")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
@@ -241,6 +332,8 @@ def main(argv=None) -> int:
             print(executorch_cmake_dir())
         elif a.command == "build-command":
             print(" && ".join(" ".join(c) for c in build_command(a.build_dir or "build/native")))
+        elif a.command == "cross-build":
+            print(cross_build(a.arch, force=a.force, log=lambda m: print(m, file=sys.stderr)))
         else:
             print(build(a.build_dir, force=a.force, log=lambda m: print(m, file=sys.stderr)))
     except PrgeError as e:
