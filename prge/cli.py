@@ -192,9 +192,9 @@ def cmd_device_train(args) -> int:
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 
-        native_train(args.program, data, args.out, resume=args.resume, **opts)
+        native_train(args.program, data, args.out, resume=args.resume, weight_cache=args.weight_cache, **opts)
         return 0
-    device_train(args.program, data, args.out, resume=args.resume, progress=args.progress, **opts)
+    device_train(args.program, data, args.out, resume=args.resume, progress=args.progress, weight_cache=args.weight_cache, **opts)
     return 0
 
 
@@ -286,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
                         + run_help.format("off" if not train_defaults.normalize else "on"))
     d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    d.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the program's methods share one copy of XNNPACK's packed weights instead of one each "
+                        "(less memory, same results)")
     d.add_argument("--native", action="store_true",
                    help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
                         "instead of the Python loop: same steps, losses, checkpoints and adapter")

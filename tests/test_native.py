@@ -223,3 +223,49 @@ def test_bad_input_fails_cleanly(prog, tmp_path, case):
 def test_wrapper_refuses_with_a_prge_error(prog, tmp_path):
     with pytest.raises(PrgeError, match="not found"):
         native.native_train(tmp_path / "nope.pte", prog["data"], tmp_path / "o", binary=prog["exe"], **KW)
+
+
+def test_the_program_describes_itself(prog):
+    """Shapes and the identity hash are constant methods of the .pte, equal to the manifest's."""
+    from executorch.runtime import Runtime
+
+    from prge.engine.formats import CONSTANT_METHODS, identity_sha256
+
+    p = Runtime.get().load_program(prog["path"])
+    got = {m: p.load_method(m).execute([])[0] for m in CONSTANT_METHODS}
+    m = prog["manifest"]
+    assert got == {meth: m[field] for meth, field in CONSTANT_METHODS.items()}
+    assert got["get_identity_sha256"] == identity_sha256(m) == m["identity_sha256"]
+    _, meta = __import__("prge.engine.formats", fromlist=["read_dataset"]).read_dataset(prog["data"])
+    assert meta["identity_sha256"] == m["identity_sha256"]
+
+
+@pytest.mark.parametrize("field", ["model", "label_ids"])
+def test_data_for_another_program_is_refused_by_the_identity_hash(prog, tmp_path, field):
+    """Same shapes, another identity (model or label words): the binary compares the program's hash
+    with the data file's and refuses with one line, writing nothing; the Python loop refuses too."""
+    from prge.data.batch import Encoded
+
+    other = dict(prog["manifest"], **{field: "another/model" if field == "model" else prog["manifest"]["label_ids"][::-1]})
+    d = tmp_path / "other.safetensors"
+    write_dataset(d, {"train": [Encoded([5, 6, 7], [8], 0)] * 10, "dev": [Encoded([5, 6], [8], 1)] * 2}, other)
+    r = run_bin(prog, tmp_path, data=d)
+    err = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 1 and len(err) == 1 and "written for another program (identity hash" in err[0], r.stderr[-500:]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PrgeError, match=field):
+        device_train(prog["path"], d, tmp_path / "py", progress=False, **KW)
+    assert not (tmp_path / "py").exists()
+
+
+def test_a_replaced_manifest_is_refused(prog, tmp_path):
+    """The Python loop checks the program's own identity hash against the manifest beside it."""
+    p = tmp_path / "p.pte"
+    shutil.copy(prog["path"], p)
+    shutil.copy(str(prog["path"]) + ".adapter.safetensors", str(p) + ".adapter.safetensors")
+    m = dict(prog["manifest"], model="another/model")
+    (tmp_path / "p.pte.json").write_text(json.dumps(m))
+    from prge.engine.runtime import Engine
+
+    with pytest.raises(PrgeError, match="does not match its manifest"):
+        Engine(p, m)

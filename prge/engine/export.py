@@ -57,7 +57,7 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import Batch
-from prge.engine.formats import FORMAT, FORMAT_VERSION, METHODS, lora_a_path, manifest_path
+from prge.engine.formats import CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, identity_sha256, lora_a_path, manifest_path
 from prge.errors import PrgeError
 from prge.zo.lora import lora_layers, set_copies, using
 from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
@@ -273,8 +273,9 @@ def _int_ops(ep):
     return ep
 
 
-def lower(programs: dict, xnnpack_methods: set[str]):
-    """Exported programs -> ExecuTorch program bytes, all methods sharing the mutable buffers."""
+def lower(programs: dict, xnnpack_methods: set[str], constant_methods: dict | None = None):
+    """Exported programs -> ExecuTorch program bytes, all methods sharing the mutable buffers;
+    `constant_methods` {name: value} become methods that return the value (the program's self-description)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -284,7 +285,8 @@ def lower(programs: dict, xnnpack_methods: set[str]):
     with warnings.catch_warnings():
         # "Mutation on a buffer ... meaningless initial state": InitializedMutableBufferPass below sees to it
         warnings.filterwarnings("ignore", message="Mutation on a buffer")
-        edge = to_edge_transform_and_lower(programs, partitioner=partitioner, compile_config=_edge_compile_config())
+        edge = to_edge_transform_and_lower(programs, partitioner=partitioner, compile_config=_edge_compile_config(),
+                                           constant_methods=constant_methods)
         et = edge.to_executorch(ExecutorchBackendConfig(
             passes=[InitializedMutableBufferPass(STATE_PATTERNS)],
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
@@ -354,8 +356,15 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
             core.method = impl
             programs[public] = _int_ops(torch.export.export(core, inputs[public], strict=False))
     log(f"exported {len(programs)} methods in {time.time() - t0:.0f} s; lowering to XNNPACK (tens of seconds to minutes)")
+    # what the program says about itself (formats.CONSTANT_METHODS): its shapes and the identity hash its data must carry
+    described = {"model": model_name, "vocab_size": len(tokenizer), "vocab_sha256": vocab_sha256(tokenizer),
+                 "pad_id": tokenizer.pad_token_id, "batch_size": batch_size, "max_length": max_length,
+                 "answer_slots": answer_slots, "q": q, "loss": loss, "label_ids": label_ids.tolist() if with_labels else None,
+                 "layers": table, "eval_batch_size": n_eval, "total": total, "noise": noise}
+    described["identity_sha256"] = identity_sha256(described)
     t0 = time.time()
-    data = lower(programs, {"train_step", "evaluate", "forward_losses"})
+    data = lower(programs, {"train_step", "evaluate", "forward_losses"},
+                 {method: described[field] for method, field in CONSTANT_METHODS.items()})
     log(f"lowered in {time.time() - t0:.0f} s; program {len(data) / 1e6:.1f} MB")
     io.atomic_write_bytes(out_path, data)
 
@@ -407,7 +416,10 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "adapter_config": adapter_config,
         "lora_a_file": lora_a_path(out_path).name,
         "run_defaults": dict(run_defaults or {}),
+        "identity_sha256": described["identity_sha256"],
+        "constant_methods": sorted(CONSTANT_METHODS),
     }
+    assert {k: manifest[k] for k in IDENTITY} == {k: described[k] for k in IDENTITY}, "the program's identity drifted from its manifest"
     if noise == "engine":
         manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "
                                "cannot be resumed exactly, and do not match eager training")

@@ -14,6 +14,7 @@ the model code; the C++ runner (`prge/engine/native/`) reads the same files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,19 @@ SPLIT_FIELDS = ("input_ids", "target_pos", "target_ids", "target_mask", "label")
 RUN_DEFAULTS = ("seed", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize")
 # the methods `prge export` writes by default and training needs (the C++ runner loads the same list)
 METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
+# what a program says about itself: constant methods of the .pte (as ExecuTorch's LLM export passes
+# `get_max_seq_len`), from the manifest fields named here; the C++ runner reads these, not the manifest
+CONSTANT_METHODS = {"get_identity_sha256": "identity_sha256", "get_noise": "noise", "get_q": "q",
+                    "get_batch_size": "batch_size", "get_max_seq_len": "max_length", "get_answer_slots": "answer_slots",
+                    "get_eval_batch_size": "eval_batch_size", "get_total": "total", "get_vocab_size": "vocab_size"}
+
+
+def identity_sha256(fields: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the `IDENTITY` fields present in
+    `fields` (a manifest, or a data file's metadata, which copies them from its manifest): a program
+    and its data agree iff their hashes do."""
+    ident = {k: fields[k] for k in IDENTITY if k in fields}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,6 +126,10 @@ def check_manifest(manifest: dict, data_meta: dict) -> None:
         raise PrgeError(f"{name} does not match: {what}",
                         f"re-export the program for this data/model (prge export ... {flag}); "
                         "prge export writes a matching dataset beside the program")
+    if "identity_sha256" in data_meta and data_meta["identity_sha256"] != identity_sha256(manifest):
+        raise PrgeError(f"{name} does not match: the data was written for another program (identity hash "
+                        f"{data_meta['identity_sha256'][:12]} vs {identity_sha256(manifest)[:12]})",
+                        "re-export the program for this data, or write the data for it with `prge export`")
 
 
 def read_dataset(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -218,6 +236,7 @@ def write_dataset(path: str | os.PathLike, data, manifest: dict) -> dict:
         tensors[f"{split}_label"] = b.label.to(torch.int32)
     meta = {"format": DATA_FORMAT, "format_version": FORMAT_VERSION, "prge_version": prge.__version__,
             **{k: manifest[k] for k in IDENTITY if k in manifest},
+            "identity_sha256": identity_sha256(manifest),
             "n_train": len(splits["train"]), "n_dev": len(splits.get("dev") or [])}
     io.save_tensors(path, tensors, metadata={"format": "pt", "prge": json.dumps(meta)})
     return meta

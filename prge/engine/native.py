@@ -1,8 +1,12 @@
 """The native (C++) device trainer: build it, feed it, run it, turn its B into PEFT adapters.
 
-`prge/engine/native/prge_native_train.cpp` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
+`prge/engine/native/` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
 runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
-`find_package(executorch)` in `<executorch package>/share/cmake`). This module:
+`find_package(executorch)` in `<executorch package>/share/cmake`; JSON with nlohmann-json): main.cpp
+(entry), loop.cpp (prge/run/loop.py's rules), program.cpp (loading and the program's
+self-description), data.cpp (data file and plan), options.cpp, safetensors.cpp, files.cpp, and
+weight_cache.cpp (XNNPACK's shared packed weights, also built as a library for the Python loop).
+This module:
 
     build()              configures and builds it with cmake into ~/.cache/prge/native/<key>
                          (key: a hash of the sources and the executorch version; reused if present)
@@ -71,8 +75,10 @@ def build_command(build_dir: str | os.PathLike, jobs: int = 2) -> list[list[str]
             ["cmake", "--build", str(build_dir), f"-j{jobs}"]]
 
 
-def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool = False, log=None) -> Path:
-    """Build the binary (if not built already for these sources and this executorch); its path."""
+def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool = False, log=None,
+          target: str | None = None) -> Path:
+    """Build the binary (if not built already for these sources and this executorch); its path.
+    `target=WEIGHT_CACHE_LIB` builds only the weight-cache library (seconds) and returns its path."""
     log = log or (lambda m: None)
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
@@ -92,11 +98,14 @@ def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool
             pass
         build_dir = _cache_root() / h.hexdigest()[:16]
     build_dir = Path(build_dir)
-    exe = build_dir / BINARY
+    exe = build_dir / (f"lib{target}.so" if target else BINARY)
     if exe.is_file() and not force:
         return exe
     t0 = time.time()
-    for cmd in build_command(build_dir, jobs):
+    cmds = build_command(build_dir, jobs)
+    if target:
+        cmds[-1] += ["--target", target]
+    for cmd in cmds:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -104,6 +113,123 @@ def build(build_dir: str | os.PathLike | None = None, jobs: int = 2, force: bool
                             "check the toolchain (g++ >= 9, cmake >= 3.19) and the executorch install")
     log(f"built {exe} in {time.time() - t0:.0f} s")
     return exe
+
+
+# cross builds: arch -> (compiler, toolchain file, wheel platform tag, ELF e_machine)
+CROSS = {"aarch64": ("aarch64-linux-gnu-g++", "aarch64-linux-gnu.cmake", "manylinux_2_28_aarch64", 0xB7)}
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
+
+
+def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=None) -> Path:
+    """Build the trainer for another architecture (Debian's cross compiler) against that
+    architecture's executorch wheel (same version as installed here, downloaded once with pip into
+    the cache and unpacked: its lib/, include/ and share/cmake are all the build needs). The binary."""
+    import zipfile
+    from importlib.metadata import version
+
+    log = log or (lambda m: None)
+    if arch not in CROSS:
+        raise PrgeError(f"no cross build for {arch!r}", f"choose one of {', '.join(CROSS)}")
+    compiler, toolchain, platform_tag, _ = CROSS[arch]
+    for tool in ("cmake", compiler):
+        if shutil.which(tool) is None:
+            raise PrgeError(f"{tool} not found: the {arch} trainer is cross-built with cmake and {compiler}",
+                            f"install them (Debian: apt-get install cmake g++-{arch}-linux-gnu)")
+    et_version = version("executorch")
+    root = _cache_root() / f"{arch}-executorch-{et_version}"
+    package = root / "executorch"
+    if not (package / "share" / "cmake" / "executorch-config.cmake").is_file():
+        wheels = root / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+               "--platform", platform_tag, "--python-version", "3.11", f"executorch=={et_version}", "-d", str(wheels)]
+        log(f"downloading the {arch} executorch {et_version} wheel")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("executorch-*.whl"))
+        if r.returncode != 0 or not found:
+            raise PrgeError(f"cannot download the {arch} executorch {et_version} wheel ({(r.stderr.strip().splitlines() or ['?'])[-1]})",
+                            f"check the network, or unpack the wheel's executorch/ folder into {package}")
+        with zipfile.ZipFile(found[0]) as z:
+            z.extractall(root, [n for n in z.namelist() if n.startswith(("executorch/lib/", "executorch/include/", "executorch/share/"))])
+    # nlohmann/ alone on the include path: the host's /usr/include must not leak into a cross build
+    json_include = root / "json-include"
+    if not (json_include / "nlohmann" / "json.hpp").exists():
+        header = next((Path(d) / "nlohmann" for d in ("/usr/include", "/usr/local/include") if (Path(d) / "nlohmann" / "json.hpp").is_file()), None)
+        if header is None:
+            raise PrgeError("nlohmann/json.hpp not found", "install it (Debian: apt-get install nlohmann-json3-dev)")
+        json_include.mkdir(parents=True, exist_ok=True)
+        (json_include / "nlohmann").symlink_to(header)
+    h = hashlib.sha256(arch.encode() + et_version.encode())
+    for f in sorted(SOURCE_DIR.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    build_dir = _cache_root() / f"{arch}-{h.hexdigest()[:16]}"
+    exe = build_dir / BINARY
+    if exe.is_file() and not force:
+        return exe
+    t0 = time.time()
+    for cmd in ([["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DCMAKE_TOOLCHAIN_FILE={SOURCE_DIR / toolchain}", f"-Dexecutorch_DIR={package / 'share' / 'cmake'}",
+                  f"-DPRGE_JSON_INCLUDE={json_include}"],
+                 ["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", BINARY]]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+            raise PrgeError(f"cross-building the {arch} trainer failed ({' '.join(cmd[:2])} ...):\n{tail}",
+                            f"check {compiler} and the unpacked wheel in {package}")
+    log(f"built {exe} for {arch} in {time.time() - t0:.0f} s")
+    return exe
+
+
+def binary_machine(exe: str | os.PathLike) -> str | None:
+    """The architecture an ELF binary is built for ("x86_64", "aarch64"), or None if not an ELF file."""
+    with open(exe, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        return None
+    return ELF_MACHINES.get(int.from_bytes(head[18:20], "little"), f"ELF machine {int.from_bytes(head[18:20], 'little'):#x}")
+
+
+def check_runs_here(exe: str | os.PathLike) -> None:
+    """Refuse a binary built for another architecture with one line, before running it."""
+    import platform
+
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    built = binary_machine(exe)
+    if built is not None and built != here:
+        raise PrgeError(f"{exe} is built for {built}, but this machine is {here}",
+                        "build the trainer here (python -m prge.engine.native build), or run it through an emulator "
+                        f"(launcher=['qemu-{built}', '-L', '/usr/{built}-linux-gnu'])")
+
+
+WEIGHT_CACHE_LIB = "prge_weight_cache"
+_weight_cache_lib = None
+
+
+def set_weight_cache(on: bool, log=None) -> bool:
+    """Switch XNNPACK's shared packed-weight cache on or off for programs this process loads next
+    (`weight_cache.h`: the methods of a program then share one packed copy of the weights).
+
+    `executorch.runtime` has no API for backend options, so this loads a small library built from
+    the native sources (cmake and a C++ compiler, cached like the trainer) that calls the runtime's
+    public `set_option` in the wheel's shared libexecutorch.so, the one the Python bindings use.
+    Returns whether the option was set; without a toolchain it logs why and returns False."""
+    global _weight_cache_lib
+    import ctypes
+
+    if _weight_cache_lib is None:
+        import executorch.runtime  # noqa: F401  (loads the wheel's runtime libraries first)
+
+        try:
+            _weight_cache_lib = ctypes.CDLL(str(build(target=WEIGHT_CACHE_LIB, log=log)))
+        except PrgeError as e:
+            (log or (lambda m: None))(f"prge: XNNPACK weight cache unavailable ({str(e).splitlines()[0]}); "
+                                      "each method keeps its own packed weights")
+            return False
+    rc = _weight_cache_lib.prge_set_weight_cache(int(bool(on)))
+    if rc != 0:
+        raise PrgeError(f"the runtime refused the XNNPACK weight-cache option (error {rc})",
+                        "check that the executorch wheel ships its XNNPACK backend")
+    return True
 
 
 def write_plan(path: str | os.PathLike, n_train: int, batch_size: int, seed: int, steps: int) -> Path:
@@ -126,7 +252,8 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", stop_after: int | None = None,
                  checkpoint_every: int = 25, binary: str | os.PathLike | None = None,
-                 threads: int | None = None, log=None) -> dict:
+                 threads: int | None = None, weight_cache: bool = True, launcher: list[str] | None = None,
+                 log=None) -> dict:
     """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     program_path, out_dir = Path(program_path), Path(out_dir)
@@ -138,14 +265,17 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")
     exe = Path(binary) if binary else build(log=log)
+    if not launcher:  # an emulator (launcher, e.g. ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]) runs a foreign binary
+        check_runs_here(exe)
     n_train = tensors["train_input_ids"].shape[0]
     # the plan goes to a temporary folder (it is cheap to rebuild and the same on resume), so a run the
     # binary refuses leaves nothing in out_dir
     tmp = tempfile.TemporaryDirectory(prefix="prge-plan-")
     plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps)
-    cmd = [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
+    cmd = list(launcher or []) + [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
            "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
            "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every), "--lr-schedule", lr_schedule]
+    cmd += ["--weight-cache", "on" if weight_cache else "off"]
     cmd += ["--normalize"] if normalize else []
     cmd += ["--resume"] if resume else []
     cmd += ["--stop-after", str(stop_after)] if stop_after else []
@@ -191,7 +321,9 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m prge.engine.native", description="build the native P-RGE trainer")
-    p.add_argument("command", choices=["build", "cmake-dir", "build-command"])
+    p.add_argument("command", choices=["build", "cross-build", "cmake-dir", "build-command"],
+                   help="build: for this machine; cross-build: for --arch with Debian's cross compiler")
+    p.add_argument("--arch", default="aarch64", choices=sorted(CROSS), help="cross-build's target architecture")
     p.add_argument("--build-dir")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
@@ -200,6 +332,8 @@ def main(argv=None) -> int:
             print(executorch_cmake_dir())
         elif a.command == "build-command":
             print(" && ".join(" ".join(c) for c in build_command(a.build_dir or "build/native")))
+        elif a.command == "cross-build":
+            print(cross_build(a.arch, force=a.force, log=lambda m: print(m, file=sys.stderr)))
         else:
             print(build(a.build_dir, force=a.force, log=lambda m: print(m, file=sys.stderr)))
     except PrgeError as e:

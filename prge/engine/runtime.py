@@ -41,8 +41,8 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, load_manifest, lora_a_path,
-                                  read_dataset, write_adapter)
+from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, identity_sha256, load_manifest,
+                                  lora_a_path, manifest_path, read_dataset, write_adapter)
 from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
@@ -55,9 +55,16 @@ from prge.zo.schedule import check_schedule, lr_at
 
 class Engine:
     """A loaded program: its methods, called with tensors. Every method is loaded right after the
-    program, before any call: loading a method later re-initialises the shared state."""
+    program, before any call: loading a method later re-initialises the shared state.
 
-    def __init__(self, program_path: str | os.PathLike, manifest: dict):
+    The program is loaded from its path, so the runtime memory-maps it (from bytes it would keep a
+    second, private copy). With `weight_cache`, XNNPACK's methods share one packed copy of the
+    weights instead of one each (`prge.engine.native.set_weight_cache`; needs cmake and a C++
+    compiler once, else the cache stays off; the option is global: it stays on for programs loaded
+    later in the process). A program that describes itself (constant method
+    `get_identity_sha256`) must carry its manifest's identity hash."""
+
+    def __init__(self, program_path: str | os.PathLike, manifest: dict, weight_cache: bool = False, log=say):
         path = Path(program_path)
         if not path.is_file():
             raise PrgeError(f"program {path} not found", "pass the .pte that `prge export` wrote")
@@ -65,16 +72,28 @@ class Engine:
         if manifest.get("program_bytes") not in (None, size):
             raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
                             "export the program again (the manifest and the .pte are written together)")
+        self.weight_cache = False
+        if weight_cache:
+            from prge.engine import native
+
+            self.weight_cache = native.set_weight_cache(True, log=log)
         try:
             from executorch.runtime import Runtime
 
             program = Runtime.get().load_program(path)
+            identity = None
+            if "get_identity_sha256" in program.method_names:
+                identity = program.load_method("get_identity_sha256").execute([])[0]
             self.methods = {name: program.load_method(name) for name in manifest["methods"]}
         except PrgeError:
             raise
         except Exception as e:
             raise PrgeError(f"the runtime cannot load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                             "export the program again") from None
+        if identity is not None and identity != identity_sha256(manifest):
+            raise PrgeError(f"{path} does not match its manifest {manifest_path(path)} (identity hash {identity[:12]} vs "
+                            f"{identity_sha256(manifest)[:12]}): one of them was replaced",
+                            "export the program again (the manifest and the .pte are written together)")
         self._program = program
         self.manifest = manifest
 
@@ -246,13 +265,14 @@ class EngineStepper:
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
-                 stop_after: int | None = None, checkpoint_every: int = 25, log=say) -> dict:
+                 stop_after: int | None = None, checkpoint_every: int = 25, weight_cache: bool = True, log=say) -> dict:
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
     (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`prge.zo.schedule.lr_at`)
     decays the lr over `steps`. `stop_after` ends early after that step with a checkpoint (tests use
     it to simulate an interruption). With `resume`, continue from out_dir/checkpoints/last exactly.
+    `weight_cache` shares XNNPACK's packed weights between the program's methods (`Engine`).
     Cadence, checkpoints and resume are `prge.run.loop`'s, as in `prge train`.
     """
     if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
@@ -276,7 +296,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if manifest["noise"] == "engine":
         log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
     lora_a = io.load_tensors(lora_a_path(program_path))
-    stepper = EngineStepper(Engine(program_path, manifest), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
+    stepper = EngineStepper(Engine(program_path, manifest, weight_cache=weight_cache, log=log), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
                             eps=eps, steps=steps, normalize=normalize, log=log)
     stepper.last = out_dir / "checkpoints" / "last"
     plan = Plan(steps, eval_every, checkpoint_every, progress, "device-train", stop_after)

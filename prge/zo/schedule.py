@@ -1,5 +1,5 @@
 """Learning-rate schedules: pure Python, computed on the host (eager trainer, Python and C++ device
-loops, which repeats `lr_at` in native/prge_native_train.cpp), so a schedule changes no exported program."""
+loops, which repeats `lr_at` in native/options.cpp), so a schedule changes no exported program."""
 
 from __future__ import annotations
 

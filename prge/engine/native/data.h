@@ -1,0 +1,37 @@
+// The pre-tokenised data file (prge.engine.formats.write_dataset) and the step plan
+// (prge.engine.native.write_plan), checked against the program they are fed to.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "program.h"
+
+namespace prge {
+
+struct Split {  // one split's examples, padded to the program's (T, K)
+  int64_t n = 0;
+  std::vector<int64_t> ids, pos, tids, label;
+  std::vector<float> mask;
+};
+
+struct Rows {  // a batch in the program's input types
+  std::vector<int64_t> ids, pos, tids, label;
+  std::vector<float> mask;
+};
+
+struct Data {
+  Split train, dev;
+};
+
+// Refuses data written for another program: by the identity hash when both carry one, else by the
+// manifest's identity fields.
+Data read_data(const std::string& path, const Description& program);
+
+// The example indices of steps 1..steps, (steps, b) row-major; refuses a plan for another seed, b or data.
+std::vector<int64_t> read_plan(const std::string& path, long long seed, long steps, int64_t b, int64_t n_train);
+
+Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t K);
+
+}  // namespace prge
