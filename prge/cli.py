@@ -38,7 +38,9 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata["help"]  # a help text that explains its default itself is not given a second one
-        kw = {"help": text if "(default" in text else f"{text} (default: {default})", "default": argparse.SUPPRESS, "dest": f.name}
+        if "(default" not in text and default is not None:
+            text = f"{text} (default: {_shown(default)})"
+        kw = {"help": text, "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         tp = str(f.type)
@@ -52,6 +54,15 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
         elif "float" in tp:
             kw["type"] = float
         p.add_argument(_flag(f.name), **kw)
+
+
+def _shown(default) -> str:
+    """A default as a user would type it: on/off for switches, space-separated lists."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(map(str, default))
+    return str(default)
 
 
 def build_config(args: argparse.Namespace):
@@ -225,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Evaluate the base model, or a PEFT adapter on it (--adapter). Takes the data options of `prge train`; "
                                    "--task all evaluates every built-in task and prints one table (tasks without data here are listed, not run).")
     e.add_argument("--adapter", help="adapter folder (e.g. runs/<run>/checkpoints/best); default: the plain model")
-    e.add_argument("--split", nargs="+", default=["test"], choices=["dev", "test", "train"], help="splits to evaluate")
+    e.add_argument("--split", nargs="+", default=["test"], choices=["dev", "test", "train"], help="splits to evaluate (default: test)")
     e.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     e.add_argument("--config", help="YAML file of options")
     add_config_flags(e)
@@ -235,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder")
     m.add_argument("--out", required=True, help="output folder for the merged model and tokenizer")
     m.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load and save in")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load and save in (default: float32)")
     m.set_defaults(func=cmd_merge)
 
     x = sub.add_parser(
@@ -250,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--noise", default="counter", choices=["counter", "host", "engine"],
                    help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
-                        "unseeded randn (NOT reproducible, cannot resume exactly)")
+                        "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
     x.add_argument("--quantize", default=None, choices=["8da4w", "8da8w"],
                    help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights); "
                         "LoRA B stays float32. Use --eps 1e-2 or larger with it (default: float32 base)")
@@ -285,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
                    help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2); "
                         + run_help.format("off" if not train_defaults.normalize else "on"))
     d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)")
     d.add_argument("--native", action="store_true",
                    help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
                         "instead of the Python loop: same steps, losses, checkpoints and adapter")
