@@ -83,6 +83,11 @@ def load_data(cfg: TrainConfig, tokenizer):
         words = cfg.label_words
         if isinstance(words, list) and words and all("=" in w for w in words):  # --label-words neg=terrible pos=great
             words = dict(w.split("=", 1) for w in words)
+            if len(words) < len(cfg.label_words):
+                raise PrgeError(f"--label-words names a label twice ({' '.join(cfg.label_words)})", "give each label name once")
+        elif isinstance(words, list) and any("=" in w for w in words):
+            raise PrgeError(f"--label-words mixes name=word pairs and plain words ({' '.join(words)}), which is ambiguous",
+                            "give either name=word for every label, or the words alone in label order")
         train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
                                           label_words=words, tokenizer=tokenizer)
         words = info.get("label_words")
