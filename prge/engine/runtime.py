@@ -47,6 +47,7 @@ from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
 from prge.run.loop import Plan
+from prge.run.lock import run_lock
 from prge.zo.schedule import check_schedule, lr_at
 
 # ------------------------------------------------------------------------------------------------
@@ -276,11 +277,26 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if manifest["noise"] == "engine":
         log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
     lora_a = io.load_tensors(lora_a_path(program_path))
+    started = out_dir.is_dir() and any(out_dir.iterdir())  # a run stopped before its first checkpoint left files
+    with run_lock(out_dir, log=log):
+        return _device_run(program_path, out_dir, manifest, tensors, lora_a, steps=steps, lr=lr, eps=eps, seed=seed,
+                           eval_every=eval_every, resume=resume, normalize=normalize, lr_schedule=lr_schedule,
+                           progress=progress, stop_after=stop_after, checkpoint_every=checkpoint_every, log=log,
+                           started=started)
+
+
+def _device_run(program_path: Path, out_dir: Path, manifest: dict, tensors: dict, lora_a: dict, *, steps, lr, eps, seed,
+                eval_every, resume, normalize, lr_schedule, progress, stop_after, checkpoint_every, log, started) -> dict:
+    """`device_train` after its checks, with the run folder locked."""
     stepper = EngineStepper(Engine(program_path, manifest), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
                             eps=eps, steps=steps, normalize=normalize, log=log)
     stepper.last = out_dir / "checkpoints" / "last"
     plan = Plan(steps, eval_every, checkpoint_every, progress, "device-train", stop_after)
-    state = loop.train(stepper, plan, out_dir, out_dir / "checkpoints" / "last" if resume else None, log=log)
+    last = out_dir / "checkpoints" / "last"
+    if resume and not io.resolve_dir(last).is_dir() and started:
+        log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
+        resume = False
+    state = loop.train(stepper, plan, out_dir, last if resume else None, log=log)
     if state["stopped"]:
         return {"stopped_at": state["end"], "run_dir": str(out_dir)}
     write_adapter(out_dir / "adapter", manifest, lora_a, stepper.final_b(state["end"]))
