@@ -14,6 +14,7 @@ the model code; the C++ runner (`prge/engine/native/`) reads the same files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,28 @@ def load_manifest(program_path: str | os.PathLike) -> dict:
         raise PrgeError(f"{path} is not valid JSON ({e})", "re-export the program") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrgeError(f"{path} is not a prge program manifest", "re-export the program with `prge export`")
+    if "manifest_sha256" in manifest and seal(manifest)["manifest_sha256"] != manifest["manifest_sha256"]:
+        raise PrgeError(f"{path} is damaged: its fields do not match the manifest_sha256 recorded at export",
+                        "export the program again (or restore the manifest from a copy)")
     return manifest
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` with "manifest_sha256": the SHA-256 of its other fields, checked by `load_manifest`."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return {**body, "manifest_sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def verify_program(program_path: str | os.PathLike, manifest: dict) -> None:
+    """Refuse a .pte whose size or SHA-256 differs from what its manifest recorded at export."""
+    path = Path(program_path)
+    size = path.stat().st_size
+    if manifest.get("program_bytes") not in (None, size):
+        raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
+                        "export the program again (the manifest and the .pte are written together)")
+    if manifest.get("program_sha256") and io.sha256_file(path) != manifest["program_sha256"]:
+        raise PrgeError(f"{path} is damaged: its SHA-256 differs from the program_sha256 its manifest recorded at export",
+                        "export the program again (or restore it from a copy)")
 
 
 def _short(x) -> str:
@@ -123,10 +145,12 @@ def read_dataset(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise PrgeError(f"data file {path} not found", "pass the .data.safetensors file that `prge export` wrote")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("prge")
+            file_meta = f.metadata() or {}
+            raw_meta = file_meta.get("prge")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise PrgeError(f"{path} is not a readable data file ({e})", "write it again with `prge export`") from None
+    io.check_tensors(path, tensors, file_meta)
     try:
         meta = json.loads(raw_meta) if raw_meta else None
     except ValueError:

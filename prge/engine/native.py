@@ -40,7 +40,8 @@ import torch
 import prge
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, write_adapter
+from prge.engine.formats import (check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, verify_program,
+                                  write_adapter)
 from prge.errors import PrgeError
 from prge.run.lock import run_lock
 
@@ -138,6 +139,9 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if manifest.get("noise") != "counter":
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")
+    verify_program(program_path, manifest)
+    if resume:
+        io.verify_dir(io.resolve_dir(out_dir / "checkpoints" / "last"))
     exe = Path(binary) if binary else build(log=log)
     n_train = tensors["train_input_ids"].shape[0]
     # the plan goes to a temporary folder (it is cheap to rebuild and the same on resume), so a run the

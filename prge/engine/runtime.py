@@ -42,7 +42,7 @@ from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import step_indices
 from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, load_manifest, lora_a_path,
-                                  read_dataset, write_adapter)
+                                  read_dataset, verify_program, write_adapter)
 from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
@@ -62,10 +62,7 @@ class Engine:
         path = Path(program_path)
         if not path.is_file():
             raise PrgeError(f"program {path} not found", "pass the .pte that `prge export` wrote")
-        size = path.stat().st_size
-        if manifest.get("program_bytes") not in (None, size):
-            raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
-                            "export the program again (the manifest and the .pte are written together)")
+        verify_program(path, manifest)
         try:
             from executorch.runtime import Runtime
 
@@ -158,6 +155,7 @@ def load_checkpoint(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise PrgeError(f"nothing to resume in {folder} (no trainer_state.json)", "run without --resume to start fresh")
+    io.verify_dir(folder)
     try:
         state = json.loads(state_file.read_text())
         assert isinstance(state, dict) and isinstance(state["step"], int)

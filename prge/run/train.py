@@ -205,14 +205,23 @@ def load_checkpoint(s: Setup, folder: Path, optimizer) -> dict:
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise PrgeError(f"{folder} is not a prge checkpoint (no trainer_state.json)", "pass a run folder or one of its checkpoints/ folders")
-    state = json.loads(state_file.read_text())
+    io.verify_dir(folder)
+    try:
+        state = json.loads(state_file.read_text())
+        assert isinstance(state, dict) and isinstance(state["step"], int)
+    except (ValueError, AssertionError, KeyError):
+        raise PrgeError(f"{state_file} is damaged", "resume from another checkpoint (checkpoints/best) or start again") from None
     if s.cfg.tune == "full":
         tensors = io.load_tensors(folder / "params.safetensors")
         with torch.no_grad():
             for n, p in s.model.named_parameters():
                 p.copy_(tensors[n])
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+        try:
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+        except Exception as e:  # missing, truncated or not a state dict of this optimizer
+            raise PrgeError(f"{folder / 'optimizer.pt'} cannot be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                            "resume from another checkpoint (checkpoints/best) or start again") from None
     return state
 
 
@@ -222,10 +231,12 @@ def resolve_resume(path: str) -> tuple[Path, Path | None]:
     p = Path(path)
     last = io.resolve_dir(p / "checkpoints" / "last")
     if (p / "checkpoints").is_dir() and last.is_dir():
+        io.verify_dir(last)  # a damaged checkpoint is refused before the model is loaded
         return p, last
     if ((p / "config.yaml").is_file() or (p / LOCK_NAME).is_file()) and not last.is_dir():
         return p, None  # killed before its first checkpoint: nothing was trained yet, so it starts again at step 0
     if (p / "trainer_state.json").is_file() or Path(str(p) + ".old").is_dir():
+        io.verify_dir(io.resolve_dir(p))
         return p.parent.parent, io.resolve_dir(p)
     raise PrgeError(f"nothing to resume at {path}", "pass a run folder (with checkpoints/) or a checkpoint folder")
 
