@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except PrgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (full disk, permissions, a path that cannot be created)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} — check the path, its permissions and the free space, then run again "
+              "(a training run resumes with --resume)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (resume with --resume <run folder>)", file=sys.stderr)
         return 130
