@@ -69,7 +69,8 @@ def build_config(args: argparse.Namespace):
     from prge.config import TrainConfig, load_yaml
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                   if hasattr(args, f.name) and (getattr(args, f.name) is not None or "None" in str(f.type))})
     if values.get("resume"):
         values = resume_values(values)
     try:
@@ -219,11 +220,19 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with prge's one-line errors: `error: <problem> — <fix>`, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
     from prge.config import TrainConfig
 
     train_defaults = TrainConfig()  # device-train's loop settings default to prge train's
-    p = argparse.ArgumentParser(prog="prge", description="P-RGE: fine-tune LLMs with forward passes only (arXiv 2409.15520).",
+    p = Parser(prog="prge", description="P-RGE: fine-tune LLMs with forward passes only (arXiv 2409.15520).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -320,7 +329,10 @@ def quiet_imports() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_imports()
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser().print_help()
         return 0

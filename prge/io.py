@@ -240,23 +240,43 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     return {k: v.to(device) for k, v in tensors.items()} if device != "cpu" else tensors
 
 
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a leading BOM is dropped); bytes that are not UTF-8 text are a
+    PrgeError naming file:line, not a UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PrgeError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                        "save the file as UTF-8 text (a binary or differently encoded file cannot be read)") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise PrgeError(f"{path}:{line}: holds a NUL byte, so it is not a text file", "save the file as UTF-8 text")
+    lines = text.split("\n")  # only "\n" ends a line (as when iterating a file), not the other characters str.splitlines splits on
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file; a bad line names file:line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
-                       else "fix the line; each line must be one complete JSON object")
-                raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
-            if not isinstance(obj, dict):
-                raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
-                                "write one JSON object per line (JSON Lines)")
-            rows.append((lineno, obj))
+    for lineno, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except RecursionError:
+            raise PrgeError(f"{path}:{lineno}: JSON nested too deeply to read", "write flat objects: one row per line") from None
+        except json.JSONDecodeError as e:
+            fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
+                   else "fix the line; each line must be one complete JSON object")
+            raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
+        if not isinstance(obj, dict):
+            raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
+                            "write one JSON object per line (JSON Lines)")
+        rows.append((lineno, obj))
     return rows
 
 

@@ -32,11 +32,12 @@ train is the remaining rows in file order.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from prge.data.batch import Example
 from prge.errors import PrgeError
-from prge.io import read_jsonl
+from prge.io import read_jsonl, text_lines
 from prge.data.sampling import seeded_sample
 
 FORMATS = ("completion", "chat", "classification")
@@ -47,11 +48,12 @@ _FORMAT_HELP = 'use {"prompt", "completion"}, {"messages"} or {"text", "label"} 
 def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     """Rows of a CSV/TSV file with a header; the line number is where the row starts."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    text = "".join(text_lines(path))
+    with io.StringIO(text, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         header = None
         end = 0  # reader.line_num after the previous row: a row starts on the line after it
-        for row in reader:
+        for row in _csv_rows(reader, path):
             lineno, end = end + 1, reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
@@ -63,6 +65,18 @@ def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
                                 "fix the row; quote fields that contain the delimiter")
             rows.append((lineno, dict(zip(header, row))))
     return rows
+
+
+def _csv_rows(reader, path: Path):
+    """The reader's rows; a quoting error (an unterminated quote, a quote inside a field) names file:line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise PrgeError(f"{path}:{reader.line_num}: malformed CSV ({e})",
+                            'quote fields that contain the delimiter, a quote (write it as "") or a line break') from None
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:

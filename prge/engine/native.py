@@ -140,6 +140,9 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")
     verify_program(program_path, manifest)
+    if resume and not io.resolve_dir(out_dir / "checkpoints" / "last").is_dir() and out_dir.is_dir() and any(out_dir.iterdir()):
+        log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
+        resume = False
     if resume:
         io.verify_dir(io.resolve_dir(out_dir / "checkpoints" / "last"))
     exe = Path(binary) if binary else build(log=log)
