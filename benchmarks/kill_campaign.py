@@ -148,8 +148,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = str(work / "tiny") if (work / "tiny").is_dir() else save_tiny(work / "tiny", "llama")
     machine = f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU"
-    program = export_program(model, work) if any(c.startswith("device") for c in a.configs) else None
+    program = None
     for config in a.configs:
+        if config.startswith("device") and program is None:
+            program = export_program(model, work)
         if config == "device-native":
             try:
                 from prge.engine.native import build

@@ -197,10 +197,11 @@ def device_run_options(args) -> dict:
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
-    from prge.engine.runtime import device_train
+    from prge.engine.runtime import check_loop_settings, device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
     opts = device_run_options(args)
+    check_loop_settings(**opts)  # before either loop starts (the native one included)
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 

@@ -80,7 +80,42 @@ def load_manifest(program_path: str | os.PathLike) -> dict:
     if "manifest_sha256" in manifest and seal(manifest)["manifest_sha256"] != manifest["manifest_sha256"]:
         raise PrgeError(f"{path} is damaged: its fields do not match the manifest_sha256 recorded at export",
                         "export the program again (or restore the manifest from a copy)")
+    check_manifest_fields(manifest, path)
     return manifest
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# the fields the loops read, with what each must be
+_MANIFEST_FIELDS = {
+    "q": lambda x: _is_int(x, 1), "copies": lambda x: _is_int(x, 2), "total": lambda x: _is_int(x, 1),
+    "batch_size": lambda x: _is_int(x, 1), "max_length": lambda x: _is_int(x, 1), "answer_slots": lambda x: _is_int(x, 1),
+    "eval_batch_size": lambda x: _is_int(x, 1), "vocab_size": lambda x: _is_int(x, 1), "pad_id": lambda x: _is_int(x),
+    "model": lambda x: isinstance(x, str), "noise": lambda x: x in ("counter", "host", "engine"),
+    "loss": lambda x: x in ("class", "lm"), "methods": lambda x: isinstance(x, dict),
+    "adapter_config": lambda x: isinstance(x, dict),
+    "label_ids": lambda x: x is None or (isinstance(x, list) and len(x) >= 2 and all(_is_int(i) for i in x)),
+    "layers": lambda x: isinstance(x, list) and len(x) > 0 and all(
+        isinstance(layer, dict) and isinstance(layer.get("name"), str) and _is_int(layer.get("offset"))
+        and isinstance(layer.get("shape"), list) and len(layer["shape"]) == 2 and all(_is_int(d, 1) for d in layer["shape"])
+        for layer in x),
+    "run_defaults": lambda x: isinstance(x, dict),
+}
+
+
+def check_manifest_fields(manifest: dict, path) -> None:
+    """Every field the loops read is present with a value of its kind (a hand-edited or foreign
+    manifest is one clear error, not a KeyError in the middle of a run)."""
+    for key, ok in _MANIFEST_FIELDS.items():
+        if key == "run_defaults" and key not in manifest:
+            continue
+        if key not in manifest or not ok(manifest[key]):
+            raise PrgeError(f"{path}: field {key!r} is {'missing' if key not in manifest else 'not valid (' + _short(manifest[key]) + ')'}",
+                            "export the program again with `prge export`")
+    if manifest["copies"] != 2 * manifest["q"]:
+        raise PrgeError(f"{path}: copies ({manifest['copies']}) is not 2·q ({2 * manifest['q']})", "export the program again")
 
 
 def seal(manifest: dict) -> dict:

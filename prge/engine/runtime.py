@@ -31,6 +31,7 @@ nothing but torch, `executorch.runtime` and prge's small pure modules (not the m
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -242,6 +243,24 @@ class EngineStepper:
         return self.engine("read_state", self.g, _f(self.lr_of(step)))[0]
 
 
+def check_loop_settings(**settings) -> None:
+    """A device run's settings (from flags, or from the program's recorded run_defaults) are numbers in
+    their domain: integers >= 0, a finite lr >= 0, a finite eps > 0, a bool normalize."""
+    for name, v in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ("steps", "seed", "eval_every", "checkpoint_every"):
+            ok, want = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63, "an integer >= 0"
+        elif name in ("lr", "eps"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if name == "eps" else v >= 0)
+            want = "a finite number " + ("> 0" if name == "eps" else ">= 0")
+        elif name == "normalize":
+            ok, want = isinstance(v, bool), "on or off"
+        else:
+            ok, want = isinstance(v, str), "a string"
+        if not ok:
+            raise PrgeError(f"{flag} must be {want}, got {v!r}"[:200], f"pass {flag} (or re-export the program if it recorded this value)")
+
+
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
@@ -254,6 +273,8 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     it to simulate an interruption). With `resume`, continue from out_dir/checkpoints/last exactly.
     Cadence, checkpoints and resume are `prge.run.loop`'s, as in `prge train`.
     """
+    check_loop_settings(steps=steps, lr=lr, eps=eps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                        normalize=normalize, lr_schedule=lr_schedule)
     if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
         raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}, checkpoint_every={checkpoint_every}",
                         "pass --steps >= 0, --eps > 0, --eval-every >= 0, --checkpoint-every >= 0")
