@@ -38,7 +38,9 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata["help"]  # a help text that explains its default itself is not given a second one
-        kw = {"help": text if "(default" in text else f"{text} (default: {default})", "default": argparse.SUPPRESS, "dest": f.name}
+        if "(default" not in text and default is not None:
+            text = f"{text} (default: {_shown(default)})"
+        kw = {"help": text, "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         tp = str(f.type)
@@ -54,11 +56,21 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
         p.add_argument(_flag(f.name), **kw)
 
 
+def _shown(default) -> str:
+    """A default as a user would type it: on/off for switches, space-separated lists."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(map(str, default))
+    return str(default)
+
+
 def build_config(args: argparse.Namespace):
     from prge.config import TrainConfig, load_yaml
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                   if hasattr(args, f.name) and (getattr(args, f.name) is not None or "None" in str(f.type))})
     if values.get("resume"):
         values = resume_values(values)
     try:
@@ -73,7 +85,7 @@ def resume_values(values: dict) -> dict:
     from prge.run.train import resolve_resume
 
     run_dir, _ = resolve_resume(values["resume"])
-    saved = load_yaml(str(run_dir / "config.yaml"))
+    saved = load_yaml(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else {}
     saved.update(values)
     return saved
 
@@ -185,10 +197,11 @@ def device_run_options(args) -> dict:
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
-    from prge.engine.runtime import device_train
+    from prge.engine.runtime import check_loop_settings, device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
     opts = device_run_options(args)
+    check_loop_settings(**opts)  # before either loop starts (the native one included)
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 
@@ -208,11 +221,19 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with prge's one-line errors: `error: <problem> — <fix>`, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
     from prge.config import TrainConfig
 
     train_defaults = TrainConfig()  # device-train's loop settings default to prge train's
-    p = argparse.ArgumentParser(prog="prge", description="P-RGE: fine-tune LLMs with forward passes only (arXiv 2409.15520).",
+    p = Parser(prog="prge", description="P-RGE: fine-tune LLMs with forward passes only (arXiv 2409.15520).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -225,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Evaluate the base model, or a PEFT adapter on it (--adapter). Takes the data options of `prge train`; "
                                    "--task all evaluates every built-in task and prints one table (tasks without data here are listed, not run).")
     e.add_argument("--adapter", help="adapter folder (e.g. runs/<run>/checkpoints/best); default: the plain model")
-    e.add_argument("--split", nargs="+", default=["test"], choices=["dev", "test", "train"], help="splits to evaluate")
+    e.add_argument("--split", nargs="+", default=["test"], choices=["dev", "test", "train"], help="splits to evaluate (default: test)")
     e.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     e.add_argument("--config", help="YAML file of options")
     add_config_flags(e)
@@ -235,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder")
     m.add_argument("--out", required=True, help="output folder for the merged model and tokenizer")
     m.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load and save in")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load and save in (default: float32)")
     m.set_defaults(func=cmd_merge)
 
     x = sub.add_parser(
@@ -250,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--noise", default="counter", choices=["counter", "host", "engine"],
                    help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
-                        "unseeded randn (NOT reproducible, cannot resume exactly)")
+                        "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
     x.add_argument("--quantize", default=None, choices=["8da4w", "8da8w"],
                    help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights); "
                         "LoRA B stays float32. Use --eps 1e-2 or larger with it (default: float32 base)")
@@ -285,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
                    help="divide each loss difference by the spread (std) of the step's 2q losses instead of by 2eps (q >= 2); "
                         + run_help.format("off" if not train_defaults.normalize else "on"))
     d.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last")
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)")
     d.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="let the program's methods share one copy of XNNPACK's packed weights instead of one each "
                         "(less memory, same results)")
@@ -312,7 +333,10 @@ def quiet_imports() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_imports()
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser().print_help()
         return 0
@@ -320,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrgeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (full disk, permissions, a path that cannot be created)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} — check the path, its permissions and the free space, then run again "
+              "(a training run resumes with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (resume with --resume <run folder>)", file=sys.stderr)

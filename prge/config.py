@@ -8,6 +8,7 @@ config is written beside every run as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class TrainConfig:
     train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
     eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
     template: str | None = opt(None, "prompt template: for text/label rows {text} is the row's text (default \"{text}\"); for a built-in classification task it replaces the task's template and names its fields, e.g. \"Review: {sentence}\\nSentiment:\" for sst2 (see `prge tasks`)")
-    label_words: list[str] | None = opt(None, "label words in label order, or name=word pairs (a leading space is added): for text/label rows, or to replace a built-in task's words")
+    label_words: list[str] | None = opt(None, "label words in label order, or name=word pairs (a leading space is added): for text/label rows (a row's label is its word, e.g. A or positive, its index, or its name), or to replace a built-in task's words")
     # method
     method: str = opt("prge", "prge: parallel queries in one batched forward; mezo: sequential queries; fo: backprop", ["prge", "mezo", "fo"])
     mode: str = opt("dual", "prge only: dual = one forward of 2q·b rows; single = two forwards of q·b rows", ["dual", "single"])
@@ -74,6 +75,18 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar")
 
     def check(self) -> "TrainConfig":
+        check_types(self)
+        for name, low, strict in DOMAINS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, float) and not math.isfinite(v) or (v <= low if strict else v < low):
+                bound = f"> {low}" if strict else f">= {low}"
+                raise PrgeError(f"{_flag(name)} must be a finite number {bound}, got {v}", f"pass {_flag(name)} with a value {bound}")
+        if self.seed >= 2**63:
+            raise PrgeError(f"--seed must be below 2^63, got {self.seed}", "pass a smaller seed")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise PrgeError(f"--layers takes decoder layer indices >= 0, got {self.layers}", "pass e.g. --layers 0 1")
         if self.q < 1:
             raise PrgeError(f"q (queries per step) must be >= 1, got {self.q}", "pass --q 1 or more")
         if not self.eps > 0:
@@ -93,6 +106,41 @@ class TrainConfig:
         return self
 
 
+# (field, bound, strict): numbers outside these domains make no sense and are refused by `check`
+DOMAINS = (("q", 1, False), ("batch_size", 1, False), ("steps", 0, False), ("lr", 0, False), ("eps", 0, True),
+           ("rank", 1, False), ("alpha", 0, True), ("n_train", 1, False), ("n_dev", 0, False), ("n_test", 1, False),
+           ("max_length", 2, False), ("eval_every", 0, False), ("checkpoint_every", 0, False), ("eval_batch_size", 1, False),
+           ("seed", 0, False), ("threads", 1, False))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_types(cfg: "TrainConfig") -> None:
+    """Each option holds a value of its declared type (a YAML file can hold anything), else a PrgeError."""
+    for f in fields():
+        v, tp = getattr(cfg, f.name), str(f.type)
+        if v is None and "None" in tp:
+            continue
+        if tp.startswith("list"):
+            item = int if "int" in tp else str
+            ok = isinstance(v, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in v)
+            want = f"a list of {'integers' if item is int else 'strings'}"
+        elif tp.startswith("bool"):
+            ok, want = isinstance(v, bool), "true or false"
+        elif tp.startswith("int"):
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        elif tp.startswith("float"):
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        else:
+            ok, want = isinstance(v, str), "a string"
+        if ok and "choices" in f.metadata and v not in f.metadata["choices"]:
+            raise PrgeError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {v!r}", f"fix {_flag(f.name)}")
+        if not ok:
+            raise PrgeError(f"{f.name} must be {want}, got {v!r}"[:300], f"fix {_flag(f.name)} (see `prge train --help`)")
+
+
 def fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
@@ -101,12 +149,16 @@ def load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise PrgeError(f"config file {path} not found", "pass an existing YAML file to --config")
+    from prge.io import text_lines
+
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load("".join(text_lines(p))) or {}
     except yaml.YAMLError as e:
         raise PrgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
     if not isinstance(data, dict):
         raise PrgeError(f"{path}: expected a mapping of option: value", "write one `option: value` per line")
+    if any(not isinstance(k, str) for k in data):
+        raise PrgeError(f"{path}: option names must be words, got {sorted(map(repr, data))[:5]}", "write one `option: value` per line")
     known = {f.name for f in fields()}
     unknown = sorted(set(k.replace("-", "_") for k in data) - known)
     if unknown:
@@ -124,7 +176,8 @@ def coerce(values: dict, where: str = "config") -> dict:
             try:
                 out[k] = int(v) if tp.startswith("int") else float(v)
             except ValueError:
-                raise PrgeError(f"{where}: {k} must be a number, got {v!r}", f"write e.g. {k}: 0.001") from None
+                raise PrgeError(f"{where}: {k} must be a number, got {v!r}"[:300],
+                                f"write e.g. {k}: {'4' if tp.startswith('int') else '0.001'}") from None
     return out
 
 

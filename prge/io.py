@@ -9,11 +9,18 @@ Folders (an adapter, a merged model: several files that only make sense together
 temporary folder beside the target and swapped in with two renames: `path` -> `path.old`, then
 temp -> `path`. No filesystem renames over a non-empty folder atomically, so there is a moment
 where only `path.old` exists; `resolve_dir` lets readers find it if a crash hit exactly then.
+
+Content hashes, so that a flipped bit is refused rather than trained on: every folder written by
+`atomic_dir` (checkpoints, adapters) gets a `SHA256SUMS` file in coreutils format (`sha256sum -c
+SHA256SUMS` checks it by hand) that `verify_dir` checks on load, and every safetensors file written
+by `save_tensors` carries the SHA-256 of its tensors in its metadata ("prge_sha256"), which
+`load_tensors` checks. Files written before hashes existed have neither and are read as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -108,6 +115,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        write_sums(tmp)
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb+") as f:
@@ -136,47 +144,139 @@ def resolve_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+SUMS = "SHA256SUMS"
+TENSORS_SHA256 = "prge_sha256"  # the safetensors metadata key holding `tensors_sha256` of the file's tensors
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_sums(folder: Path) -> None:
+    """SHA256SUMS over every file under `folder` (coreutils format: `<hex>  <relative path>`)."""
+    lines = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            rel = p.relative_to(folder).as_posix()
+            if rel != SUMS:
+                lines.append(f"{sha256_file(p)}  {rel}\n")
+    with open(folder / SUMS, "w") as f:
+        f.write("".join(lines))
+
+
+def verify_dir(folder: str | os.PathLike) -> None:
+    """Check every file listed in `folder`/SHA256SUMS; a folder without one (written before hashes) passes."""
+    folder = Path(folder)
+    sums = folder / SUMS
+    if not sums.is_file():
+        return
+    fix = "restore the folder from a copy, or use an earlier checkpoint (checkpoints/best or another run)"
+    try:
+        entries = [line.split("  ", 1) for line in sums.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        entries = None
+    if entries is None or any(len(e) != 2 or len(e[0]) != 64 for e in entries):
+        raise PrgeError(f"{sums} is damaged (not a list of SHA-256 sums)", fix)
+    for digest, rel in entries:
+        p = folder / rel
+        if not p.is_file():
+            raise PrgeError(f"{p} is missing (listed in {sums})", fix)
+        if sha256_file(p) != digest:
+            raise PrgeError(f"{p} is damaged: its SHA-256 differs from the one recorded when it was written ({sums})", fix)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+    """Refuse tensors whose hash differs from the one their file recorded (files without one pass)."""
+    recorded = (metadata or {}).get(TENSORS_SHA256)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise PrgeError(f"{path} is damaged: its tensors' SHA-256 differs from the one recorded when it was written",
+                        "write the file again (or restore it from a copy)")
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file. metadata defaults to {"format": "pt"}, which
-    transformers and PEFT expect of a PyTorch safetensors file."""
+    transformers and PEFT expect of a PyTorch safetensors file; the tensors' SHA-256 is added to it."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    metadata = {**(metadata or {"format": "pt"}), TENSORS_SHA256: tensors_sha256(tensors)}
     with _temp_file_beside(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or unreadable file is a PrgeError, not a traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Read a safetensors file, checking its recorded hash; a missing, unreadable or damaged file is a
+    PrgeError naming it, not a traceback."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise PrgeError(f"{path} does not exist", "check the path (a save that crashed leaves the previous file)")
     try:
-        return load_file(str(path), device=device)
-    except SafetensorError as e:
-        raise PrgeError(f"{path} is not a readable safetensors file ({e})", "write it again") from e
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types (and OSError) for a damaged file
+        raise PrgeError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                        "write it again") from None
+    check_tensors(path, tensors, metadata)
+    return {k: v.to(device) for k, v in tensors.items()} if device != "cpu" else tensors
+
+
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a leading BOM is dropped); bytes that are not UTF-8 text are a
+    PrgeError naming file:line, not a UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PrgeError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                        "save the file as UTF-8 text (a binary or differently encoded file cannot be read)") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise PrgeError(f"{path}:{line}: holds a NUL byte, so it is not a text file", "save the file as UTF-8 text")
+    lines = text.split("\n")  # only "\n" ends a line (as when iterating a file), not the other characters str.splitlines splits on
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file; a bad line names file:line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
-                       else "fix the line; each line must be one complete JSON object")
-                raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
-            if not isinstance(obj, dict):
-                raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
-                                "write one JSON object per line (JSON Lines)")
-            rows.append((lineno, obj))
+    for lineno, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except RecursionError:
+            raise PrgeError(f"{path}:{lineno}: JSON nested too deeply to read", "write flat objects: one row per line") from None
+        except json.JSONDecodeError as e:
+            fix = ("write one JSON object per line (JSON Lines), not a JSON array" if line.lstrip().startswith("[")
+                   else "fix the line; each line must be one complete JSON object")
+            raise PrgeError(f"{path}:{lineno}: invalid JSON ({e.msg})", fix) from None
+        if not isinstance(obj, dict):
+            raise PrgeError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}",
+                            "write one JSON object per line (JSON Lines)")
+        rows.append((lineno, obj))
     return rows
 
 

@@ -319,10 +319,14 @@ def test_truncated_program_is_refused(prog, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(PrgeError, match="truncated"):
         device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
-    # same size, damaged contents: the runtime's refusal becomes a PrgeError too
+    # same size, damaged contents: refused by the program's recorded SHA-256 ...
     path.write_bytes(b"\0" * len(data))
-    with pytest.raises(PrgeError, match="cannot load"):
+    with pytest.raises(PrgeError, match="tiny.pte is damaged: its SHA-256 differs"):
         device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+    # ... and without a recorded hash (older manifests) the runtime's refusal becomes a PrgeError too
+    unhashed = {k: v for k, v in load_manifest(path).items() if k != "program_sha256"}
+    with pytest.raises(PrgeError, match="cannot load"):
+        Engine(path, unhashed)
 
 
 def test_corrupt_checkpoint_is_refused(prog, tmp_path, device_run):
@@ -476,3 +480,76 @@ def test_lm_loss_program(tmp_path):
     tokens = float(ev.target_mask[:4].sum())
     assert abs(float(ce[:4].sum()) / tokens - ref_eval["loss"]) < 1e-4
     assert abs(float(correct[:4].sum()) / tokens - ref_eval["accuracy"]) < 1e-6
+
+
+# --- reliability: a flipped bit in any engine file is refused naming the file; one run per folder ---
+
+
+def flip_bit(path: Path, where: float = 0.9, bit: int = 2) -> None:
+    """Flip one bit of `path` at fraction `where` of its length (0.9: inside a safetensors file's tensors)."""
+    data = bytearray(path.read_bytes())
+    i = min(int(len(data) * where), len(data) - 1)
+    data[i] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("suffix,where", [("", 0.5), ("", 0.99), (".json", 0.5), (".adapter.safetensors", 0.9)])
+def test_flipped_bit_in_a_program_file_is_refused(prog, tmp_path, suffix, where):
+    path = copy_program(prog, tmp_path / "p")
+    flip_bit(Path(str(path) + suffix), where)
+    with pytest.raises(PrgeError, match=r"tiny\.pte" + suffix.replace(".", r"\.") + r".* (damaged|not valid JSON|not a readable)"):
+        device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", [0.5, 0.95])
+def test_flipped_bit_in_the_data_file_is_refused(prog, tmp_path, where):
+    data = tmp_path / "d.safetensors"
+    shutil.copy(prog["data"], data)
+    flip_bit(data, where)
+    with pytest.raises(PrgeError, match=r"d\.safetensors"):
+        device_train(prog["path"], data, tmp_path / "run", steps=1, lr=LR, eps=EPS, progress=False)
+
+
+@pytest.mark.parametrize("name", ["state.safetensors", "trainer_state.json", "adapter/adapter_model.safetensors",
+                                  "adapter/adapter_config.json", "SHA256SUMS"])
+def test_flipped_bit_in_an_engine_checkpoint_is_refused(prog, tmp_path, device_run, name):
+    out = tmp_path / "run"
+    shutil.copytree(device_run[0], out)
+    last = out / "checkpoints" / "last"
+    assert (last / "SHA256SUMS").is_file() and (last / "adapter" / "SHA256SUMS").is_file()
+    flip_bit(last / name, 0.6 if name.endswith(".json") else 0.95)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(PrgeError, match="damaged|missing"):
+        device_train(prog["path"], prog["data"], out, steps=8, lr=LR, eps=EPS, resume=True, progress=False)
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
+
+
+def test_engine_checkpoint_without_hashes_still_resumes(prog, tmp_path, device_run):
+    """Checkpoints written before hashes existed (no SHA256SUMS, no prge_sha256 metadata) resume as before."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    shutil.copytree(device_run[0], out)
+    for sums in out.rglob("SHA256SUMS"):
+        sums.unlink()
+    for f in out.rglob("*.safetensors"):
+        save_file(load_file(str(f)), str(f), metadata={"format": "pt"})
+    device_train(prog["path"], prog["data"], out, steps=8, lr=LR, eps=EPS, eval_every=3, resume=True, progress=False)
+    assert (out / "checkpoints" / "last" / "SHA256SUMS").is_file()
+
+
+def test_device_train_into_a_live_runs_folder_is_refused(prog, tmp_path):
+    out = tmp_path / "run"
+    code = f"from prge.run.lock import run_lock\nimport time\nwith run_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(PrgeError, match=f"in use by prge run pid {holder.pid}"):
+            device_train(prog["path"], prog["data"], out, steps=2, lr=LR, eps=EPS, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".prge.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    device_train(prog["path"], prog["data"], out, steps=2, lr=LR, eps=EPS, eval_every=0, progress=False)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / ".prge.lock").exists()

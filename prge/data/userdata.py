@@ -16,7 +16,9 @@ Row formats, detected from the first row's keys unless `fmt` names one:
 - `classification`: `{"text": ..., "label": ...}` with a `template` containing `{text}` (default
   `"{text}"`) and `label_words`, either a list (label index -> word) or a dict {label name: word}
   (label index = position in the dict). A row's label may be a label name (a dict key, or "0",
-  "1", ... for a list), an integer index, or a JSON boolean (false = 0, true = 1). A word without a
+  "1", ... for a list), the label word itself as written ("A" with words A B C D, "positive" with
+  words negative positive), an integer index, or a JSON boolean (false = 0, true = 1); a label that
+  is the name of one class and the word of another is refused as ambiguous. A word without a
   leading space gets one (" great", not "great"): the word is scored as the token that follows the
   prompt, and most tokenizers fold the space into that token.
 
@@ -30,11 +32,12 @@ train is the remaining rows in file order.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from prge.data.batch import Example
 from prge.errors import PrgeError
-from prge.io import read_jsonl
+from prge.io import read_jsonl, text_lines
 from prge.data.sampling import seeded_sample
 
 FORMATS = ("completion", "chat", "classification")
@@ -45,11 +48,12 @@ _FORMAT_HELP = 'use {"prompt", "completion"}, {"messages"} or {"text", "label"} 
 def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     """Rows of a CSV/TSV file with a header; the line number is where the row starts."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    text = "".join(text_lines(path))
+    with io.StringIO(text, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         header = None
         end = 0  # reader.line_num after the previous row: a row starts on the line after it
-        for row in reader:
+        for row in _csv_rows(reader, path):
             lineno, end = end + 1, reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
@@ -61,6 +65,18 @@ def _read_table(path: Path, delimiter: str) -> list[tuple[int, dict]]:
                                 "fix the row; quote fields that contain the delimiter")
             rows.append((lineno, dict(zip(header, row))))
     return rows
+
+
+def _csv_rows(reader, path: Path):
+    """The reader's rows; a quoting error (an unterminated quote, a quote inside a field) names file:line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise PrgeError(f"{path}:{reader.line_num}: malformed CSV ({e})",
+                            'quote fields that contain the delimiter, a quote (write it as "") or a line break') from None
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -96,6 +112,11 @@ def normalize_label_words(label_words) -> tuple[list[str], list[str]]:
     for w in words:
         if not isinstance(w, str) or not w.strip():
             raise PrgeError(f"label word {w!r} is not a non-empty string", "give one word per class")
+    plain = [w.strip() for w in words]
+    twice = sorted({w for w in plain if plain.count(w) > 1})
+    if twice:
+        raise PrgeError(f"the label words {twice} are given for more than one class (the classes could not be told apart)",
+                        "give a different word to each class")
     return names, [w if w.startswith(" ") else " " + w for w in words]
 
 
@@ -110,18 +131,34 @@ def _string(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _label_index(value, names: list[str], where: str) -> int:
+def _label_index(value, names: list[str], words: list[str], where: str) -> int:
+    """The class index of a row's label: a label name (a dict key, or "0", "1", ... for a list), the
+    label word itself as users write it ("A" for the word " A", "positive" for " positive"), an
+    integer index, or a JSON boolean. A label that names one class and is the word of another is refused."""
     if isinstance(value, bool):
         value = int(value)
     if not isinstance(value, (int, str)):
         raise PrgeError(f"{where}: label must be a string or an integer, found {type(value).__name__}", "fix the label")
     key = str(value).strip()
-    if key in names:
-        return names.index(key)
-    if isinstance(value, int) and 0 <= value < len(names):  # an index into a dict's labels
-        return value
-    raise PrgeError(f"{where}: unknown label {value!r}, expected one of {', '.join(names)}",
+    by_name = names.index(key) if key in names else None
+    if by_name is None and isinstance(value, int) and 0 <= value < len(names):  # an index into a dict's labels
+        by_name = value
+    by_word = [i for i, w in enumerate(words) if w.strip() == key] if isinstance(value, str) else []
+    if by_name is not None and by_word and by_word != [by_name]:
+        raise PrgeError(f"{where}: label {value!r} is ambiguous: it is the name of class {by_name} (word {words[by_name].strip()!r}) "
+                        f"and the label word of class {by_word[0]}",
+                        "pass name=word pairs, e.g. --label-words " + " ".join(f"{n}={w.strip()}" for n, w in zip(names, words)))
+    if by_name is not None:
+        return by_name
+    if by_word:
+        return by_word[0]
+    raise PrgeError(f"{where}: unknown label {value!r}, expected one of {', '.join(_expected(names, words))}",
                     "fix the label or the label words")
+
+
+def _expected(names: list[str], words: list[str]) -> list[str]:
+    plain = [w.strip() for w in words]
+    return names + [w for w in plain if w not in names]
 
 
 def _chat(obj: dict, where: str, tokenizer) -> tuple[str, str]:
@@ -199,7 +236,7 @@ def load_user_file(path, fmt: str = "auto", template: str | None = None, label_w
             text = _string(obj, "text", where)
             if "label" not in obj:
                 raise PrgeError(f"{where}: missing field 'label'", f"every row needs the same fields as the first ({_FORMAT_HELP})")
-            y = _label_index(obj["label"], names, where)
+            y = _label_index(obj["label"], names, words, where)
             ex = Example(template.replace("{text}", text), words[y], y, where)
         examples.append(ex)
     return examples, {"format": fmt, "label_words": words}

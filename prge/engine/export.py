@@ -57,7 +57,8 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import Batch
-from prge.engine.formats import CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, identity_sha256, lora_a_path, manifest_path
+from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, identity_sha256, lora_a_path,
+                                  manifest_path, seal)
 from prge.errors import PrgeError
 from prge.zo.lora import lora_layers, set_copies, using
 from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
@@ -423,6 +424,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     if noise == "engine":
         manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "
                                "cannot be resumed exactly, and do not match eager training")
+    manifest = seal(manifest)
     io.atomic_write_json(manifest_path(out_path), manifest)
     return manifest
 

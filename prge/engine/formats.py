@@ -90,7 +90,63 @@ def load_manifest(program_path: str | os.PathLike) -> dict:
         raise PrgeError(f"{path} is not valid JSON ({e})", "re-export the program") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrgeError(f"{path} is not a prge program manifest", "re-export the program with `prge export`")
+    if "manifest_sha256" in manifest and seal(manifest)["manifest_sha256"] != manifest["manifest_sha256"]:
+        raise PrgeError(f"{path} is damaged: its fields do not match the manifest_sha256 recorded at export",
+                        "export the program again (or restore the manifest from a copy)")
+    check_manifest_fields(manifest, path)
     return manifest
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# the fields the loops read, with what each must be
+_MANIFEST_FIELDS = {
+    "q": lambda x: _is_int(x, 1), "copies": lambda x: _is_int(x, 2), "total": lambda x: _is_int(x, 1),
+    "batch_size": lambda x: _is_int(x, 1), "max_length": lambda x: _is_int(x, 1), "answer_slots": lambda x: _is_int(x, 1),
+    "eval_batch_size": lambda x: _is_int(x, 1), "vocab_size": lambda x: _is_int(x, 1), "pad_id": lambda x: _is_int(x),
+    "model": lambda x: isinstance(x, str), "noise": lambda x: x in ("counter", "host", "engine"),
+    "loss": lambda x: x in ("class", "lm"), "methods": lambda x: isinstance(x, dict),
+    "adapter_config": lambda x: isinstance(x, dict),
+    "label_ids": lambda x: x is None or (isinstance(x, list) and len(x) >= 2 and all(_is_int(i) for i in x)),
+    "layers": lambda x: isinstance(x, list) and len(x) > 0 and all(
+        isinstance(layer, dict) and isinstance(layer.get("name"), str) and _is_int(layer.get("offset"))
+        and isinstance(layer.get("shape"), list) and len(layer["shape"]) == 2 and all(_is_int(d, 1) for d in layer["shape"])
+        for layer in x),
+    "run_defaults": lambda x: isinstance(x, dict),
+}
+
+
+def check_manifest_fields(manifest: dict, path) -> None:
+    """Every field the loops read is present with a value of its kind (a hand-edited or foreign
+    manifest is one clear error, not a KeyError in the middle of a run)."""
+    for key, ok in _MANIFEST_FIELDS.items():
+        if key == "run_defaults" and key not in manifest:
+            continue
+        if key not in manifest or not ok(manifest[key]):
+            raise PrgeError(f"{path}: field {key!r} is {'missing' if key not in manifest else 'not valid (' + _short(manifest[key]) + ')'}",
+                            "export the program again with `prge export`")
+    if manifest["copies"] != 2 * manifest["q"]:
+        raise PrgeError(f"{path}: copies ({manifest['copies']}) is not 2·q ({2 * manifest['q']})", "export the program again")
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` with "manifest_sha256": the SHA-256 of its other fields, checked by `load_manifest`."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return {**body, "manifest_sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def verify_program(program_path: str | os.PathLike, manifest: dict) -> None:
+    """Refuse a .pte whose size or SHA-256 differs from what its manifest recorded at export."""
+    path = Path(program_path)
+    size = path.stat().st_size
+    if manifest.get("program_bytes") not in (None, size):
+        raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
+                        "export the program again (the manifest and the .pte are written together)")
+    if manifest.get("program_sha256") and io.sha256_file(path) != manifest["program_sha256"]:
+        raise PrgeError(f"{path} is damaged: its SHA-256 differs from the program_sha256 its manifest recorded at export",
+                        "export the program again (or restore it from a copy)")
 
 
 def _short(x) -> str:
@@ -141,10 +197,12 @@ def read_dataset(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise PrgeError(f"data file {path} not found", "pass the .data.safetensors file that `prge export` wrote")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("prge")
+            file_meta = f.metadata() or {}
+            raw_meta = file_meta.get("prge")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise PrgeError(f"{path} is not a readable data file ({e})", "write it again with `prge export`") from None
+    io.check_tensors(path, tensors, file_meta)
     try:
         meta = json.loads(raw_meta) if raw_meta else None
     except ValueError:

@@ -44,8 +44,10 @@ import torch
 import prge
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, write_adapter
+from prge.engine.formats import (check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, verify_program,
+                                  write_adapter)
 from prge.errors import PrgeError
+from prge.run.lock import run_lock
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"  # package data: a non-editable install builds too
 BINARY = "prge-native-train"
@@ -264,6 +266,12 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if manifest.get("noise") != "counter":
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")
+    verify_program(program_path, manifest)
+    if resume and not io.resolve_dir(out_dir / "checkpoints" / "last").is_dir() and out_dir.is_dir() and any(out_dir.iterdir()):
+        log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
+        resume = False
+    if resume:
+        io.verify_dir(io.resolve_dir(out_dir / "checkpoints" / "last"))
     exe = Path(binary) if binary else build(log=log)
     if not launcher:  # an emulator (launcher, e.g. ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]) runs a foreign binary
         check_runs_here(exe)
@@ -282,34 +290,35 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    try:
-        r = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    finally:
-        tmp.cleanup()
-    if r.returncode != 0:
-        msg = [line for line in r.stderr.splitlines() if "error:" in line]
-        raise PrgeError(msg[-1].split("error:", 1)[1].strip() if msg else f"the native trainer failed (exit {r.returncode})",
-                        "see the message; the run folder keeps its last good checkpoint")
-    for line in r.stderr.splitlines():
-        if not re.match(r"^I \d\d:\d\d:", line):  # the runtime's info logging
-            log(line)
-    lora_a = io.load_tensors(lora_a_path(program_path))
-    ckpts = out_dir / "checkpoints"
-    for name in ("best", "last"):
-        _b_to_adapter(ckpts / name, manifest, lora_a)
-    info = json.loads((out_dir / "native.json").read_text())
-    if info.get("stopped"):
-        return {"stopped_at": info["ran_to"], "run_dir": str(out_dir), **info}
-    final = io.load_tensors(out_dir / "final_b.safetensors")
-    write_adapter(out_dir / "adapter", manifest, lora_a, final["b"])
-    summary = {"program": str(program_path), "model": manifest["model"], "steps": steps, "q": manifest["q"],
-               "batch_size": manifest["batch_size"], "noise": manifest["noise"], "minutes": info["seconds"] / 60,
-               "dev_before": info["dev_before"], "dev_after": info["dev_after"], "best_dev": info["best_dev"],
-               "best_step": info["best_step"], "adapter": str(out_dir / "adapter"),
-               "best_adapter": str(ckpts / "best" / "adapter"), "native": True, "step_seconds": info["step_seconds"],
-               "peak_rss_mb": info["peak_rss_mb"], "prge_version": prge.__version__}
-    io.atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    with run_lock(out_dir, log=log):  # held while the binary runs and its outputs become adapters
+        try:
+            r = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        finally:
+            tmp.cleanup()
+        if r.returncode != 0:
+            msg = [line for line in r.stderr.splitlines() if "error:" in line]
+            raise PrgeError(msg[-1].split("error:", 1)[1].strip() if msg else f"the native trainer failed (exit {r.returncode})",
+                            "see the message; the run folder keeps its last good checkpoint")
+        for line in r.stderr.splitlines():
+            if not re.match(r"^I \d\d:\d\d:", line):  # the runtime's info logging
+                log(line)
+        lora_a = io.load_tensors(lora_a_path(program_path))
+        ckpts = out_dir / "checkpoints"
+        for name in ("best", "last"):
+            _b_to_adapter(ckpts / name, manifest, lora_a)
+        info = json.loads((out_dir / "native.json").read_text())
+        if info.get("stopped"):
+            return {"stopped_at": info["ran_to"], "run_dir": str(out_dir), **info}
+        final = io.load_tensors(out_dir / "final_b.safetensors")
+        write_adapter(out_dir / "adapter", manifest, lora_a, final["b"])
+        summary = {"program": str(program_path), "model": manifest["model"], "steps": steps, "q": manifest["q"],
+                   "batch_size": manifest["batch_size"], "noise": manifest["noise"], "minutes": info["seconds"] / 60,
+                   "dev_before": info["dev_before"], "dev_after": info["dev_after"], "best_dev": info["best_dev"],
+                   "best_step": info["best_step"], "adapter": str(out_dir / "adapter"),
+                   "best_adapter": str(ckpts / "best" / "adapter"), "native": True, "step_seconds": info["step_seconds"],
+                   "peak_rss_mb": info["peak_rss_mb"], "prge_version": prge.__version__}
+        io.atomic_write_json(out_dir / "summary.json", summary)
+        return summary
 
 
 def final_b_flat(out_dir: str | os.PathLike) -> torch.Tensor:

@@ -31,6 +31,7 @@ nothing but torch, `executorch.runtime` and prge's small pure modules (not the m
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -42,11 +43,12 @@ from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import step_indices
 from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, identity_sha256, load_manifest,
-                                  lora_a_path, manifest_path, read_dataset, write_adapter)
+                                  lora_a_path, manifest_path, read_dataset, verify_program, write_adapter)
 from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
 from prge.run.loop import Plan
+from prge.run.lock import run_lock
 from prge.zo.schedule import check_schedule, lr_at
 
 # ------------------------------------------------------------------------------------------------
@@ -68,10 +70,7 @@ class Engine:
         path = Path(program_path)
         if not path.is_file():
             raise PrgeError(f"program {path} not found", "pass the .pte that `prge export` wrote")
-        size = path.stat().st_size
-        if manifest.get("program_bytes") not in (None, size):
-            raise PrgeError(f"{path} is {size} bytes but its manifest says {manifest['program_bytes']} (truncated or replaced)",
-                            "export the program again (the manifest and the .pte are written together)")
+        verify_program(path, manifest)
         self.weight_cache = False
         if weight_cache:
             from prge.engine import native
@@ -176,6 +175,7 @@ def load_checkpoint(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise PrgeError(f"nothing to resume in {folder} (no trainer_state.json)", "run without --resume to start fresh")
+    io.verify_dir(folder)
     try:
         state = json.loads(state_file.read_text())
         assert isinstance(state, dict) and isinstance(state["step"], int)
@@ -262,6 +262,24 @@ class EngineStepper:
         return self.engine("read_state", self.g, _f(self.lr_of(step)))[0]
 
 
+def check_loop_settings(**settings) -> None:
+    """A device run's settings (from flags, or from the program's recorded run_defaults) are numbers in
+    their domain: integers >= 0, a finite lr >= 0, a finite eps > 0, a bool normalize."""
+    for name, v in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ("steps", "seed", "eval_every", "checkpoint_every"):
+            ok, want = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63, "an integer >= 0"
+        elif name in ("lr", "eps"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if name == "eps" else v >= 0)
+            want = "a finite number " + ("> 0" if name == "eps" else ">= 0")
+        elif name == "normalize":
+            ok, want = isinstance(v, bool), "on or off"
+        else:
+            ok, want = isinstance(v, str), "a string"
+        if not ok:
+            raise PrgeError(f"{flag} must be {want}, got {v!r}"[:200], f"pass {flag} (or re-export the program if it recorded this value)")
+
+
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
@@ -275,6 +293,8 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     `weight_cache` shares XNNPACK's packed weights between the program's methods (`Engine`).
     Cadence, checkpoints and resume are `prge.run.loop`'s, as in `prge train`.
     """
+    check_loop_settings(steps=steps, lr=lr, eps=eps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                        normalize=normalize, lr_schedule=lr_schedule)
     if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
         raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}, checkpoint_every={checkpoint_every}",
                         "pass --steps >= 0, --eps > 0, --eval-every >= 0, --checkpoint-every >= 0")
@@ -296,11 +316,27 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if manifest["noise"] == "engine":
         log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
     lora_a = io.load_tensors(lora_a_path(program_path))
+    started = out_dir.is_dir() and any(out_dir.iterdir())  # a run stopped before its first checkpoint left files
+    with run_lock(out_dir, log=log):
+        return _device_run(program_path, out_dir, manifest, tensors, lora_a, steps=steps, lr=lr, eps=eps, seed=seed,
+                           eval_every=eval_every, resume=resume, normalize=normalize, lr_schedule=lr_schedule,
+                           progress=progress, stop_after=stop_after, checkpoint_every=checkpoint_every, log=log,
+                           started=started, weight_cache=weight_cache)
+
+
+def _device_run(program_path: Path, out_dir: Path, manifest: dict, tensors: dict, lora_a: dict, *, steps, lr, eps, seed,
+                eval_every, resume, normalize, lr_schedule, progress, stop_after, checkpoint_every, log, started,
+                weight_cache=True) -> dict:
+    """`device_train` after its checks, with the run folder locked."""
     stepper = EngineStepper(Engine(program_path, manifest, weight_cache=weight_cache, log=log), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
                             eps=eps, steps=steps, normalize=normalize, log=log)
     stepper.last = out_dir / "checkpoints" / "last"
     plan = Plan(steps, eval_every, checkpoint_every, progress, "device-train", stop_after)
-    state = loop.train(stepper, plan, out_dir, out_dir / "checkpoints" / "last" if resume else None, log=log)
+    last = out_dir / "checkpoints" / "last"
+    if resume and not io.resolve_dir(last).is_dir() and started:
+        log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
+        resume = False
+    state = loop.train(stepper, plan, out_dir, last if resume else None, log=log)
     if state["stopped"]:
         return {"stopped_at": state["end"], "run_dir": str(out_dir)}
     write_adapter(out_dir / "adapter", manifest, lora_a, stepper.final_b(state["end"]))

@@ -11,6 +11,7 @@ Built-in models are fetched by `prge.models.builtin`; the hub probe is `prge.mod
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -85,10 +86,17 @@ def _load_folder(folder: Path, torch_dtype):
         raise PrgeError(f"model folder {folder} has no config.json",
                         "pass a folder saved with save_pretrained (config.json, weights, tokenizer)")
     try:
+        config = json.loads((folder / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise PrgeError(f"{folder / 'config.json'} is not readable JSON ({_first_line(e)})",
+                        "pass a folder saved with save_pretrained (config.json, weights, tokenizer)") from None
+    if not isinstance(config, dict):
+        raise PrgeError(f"{folder / 'config.json'} is not a JSON object", "pass a folder saved with save_pretrained")
+    try:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager")
         model.to(torch_dtype)  # a no-op, except on transformers releases that ignore `dtype=`
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers raises a zoo of types for a folder it cannot read
         raise PrgeError(f"could not load a causal LM from {folder}: {_first_line(e)}",
                         "pass a folder saved with save_pretrained holding a causal LM and its tokenizer")
     return model, tok

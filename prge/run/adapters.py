@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from prge.errors import PrgeError
-from prge.io import atomic_dir, atomic_write_json, load_tensors, resolve_dir, save_tensors
+from prge.io import atomic_dir, atomic_write_json, load_tensors, resolve_dir, save_tensors, verify_dir
 from prge.zo.lora import MPLoRALinear, in_out, add_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -193,6 +193,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     folder = resolve_dir(folder)
     if not folder.is_dir():
         raise PrgeError(f"adapter folder {folder} does not exist", "pass the folder given to save_adapter / save_pretrained")
+    verify_dir(folder)  # its SHA256SUMS, when prge wrote it
     config = _read_config(folder)
     rank, alpha = _check_config(config, folder)
     pairs = _pairs(_read_weights(folder), folder)

@@ -21,6 +21,7 @@ that is needed.
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from prge import io
+from prge.errors import PrgeError
 
 # the loop's own fields of a checkpoint's trainer_state.json (a stepper adds its own beside them)
 LOOP_STATE = ("best_accuracy", "best_step", "before", "before_loss", "seconds")
@@ -72,6 +74,28 @@ def train(stepper: Stepper, plan: Plan, run_dir: Path, resume: Path | None = Non
     `log(msg)` gets status lines; `on_eval(step, evaluation)` runs after each dev evaluation is recorded
     (the eager run redraws its curves there)."""
     log = log or (lambda msg: None)
+    try:
+        return _train(stepper, plan, run_dir, resume, log, on_eval)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = run_dir / "checkpoints" / "last"
+        step = _saved_step(last)
+        raise PrgeError(f"no space left on the device of {run_dir} ({e.filename or 'while writing'}); "
+                        + (f"the last good checkpoint, step {step}, is intact in {last}" if step is not None else "no checkpoint was written yet"),
+                        "free some space, then run the same command with --resume") from None
+
+
+def _saved_step(folder: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((io.resolve_dir(folder) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _train(stepper: Stepper, plan: Plan, run_dir: Path, resume: Path | None, log, on_eval) -> dict:
     ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"best_accuracy": -1.0, "best_step": 0, "before": None, "before_loss": None, "seconds": 0.0}

@@ -17,6 +17,7 @@ Run folder layout (`runs/<task>-<method>-<time>/` unless --out):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from prge.log import say
 from prge.run import loop
 from prge.run.evaluate import evaluate, evaluate_choice, evaluate_generation
 from prge.run.loop import Plan
+from prge.run.lock import LOCK_NAME, run_lock
 from prge.run.plot import plot
 from prge.zo.lora import add_lora, count_trainable, lora_layers, trainable_b
 from prge.zo.loss import copy_losses
@@ -83,6 +85,11 @@ def load_data(cfg: TrainConfig, tokenizer):
         words = cfg.label_words
         if isinstance(words, list) and words and all("=" in w for w in words):  # --label-words neg=terrible pos=great
             words = dict(w.split("=", 1) for w in words)
+            if len(words) < len(cfg.label_words):
+                raise PrgeError(f"--label-words names a label twice ({' '.join(cfg.label_words)})", "give each label name once")
+        elif isinstance(words, list) and any("=" in w for w in words):
+            raise PrgeError(f"--label-words mixes name=word pairs and plain words ({' '.join(words)}), which is ambiguous",
+                            "give either name=word for every label, or the words alone in label order")
         train, dev, info = load_user_data(cfg.train_file, cfg.eval_file, seed=cfg.seed, template=cfg.template,
                                           label_words=words, tokenizer=tokenizer)
         words = info.get("label_words")
@@ -203,23 +210,38 @@ def load_checkpoint(s: Setup, folder: Path, optimizer) -> dict:
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise PrgeError(f"{folder} is not a prge checkpoint (no trainer_state.json)", "pass a run folder or one of its checkpoints/ folders")
-    state = json.loads(state_file.read_text())
+    io.verify_dir(folder)
+    try:
+        state = json.loads(state_file.read_text())
+        assert isinstance(state, dict) and isinstance(state["step"], int)
+    except (ValueError, AssertionError, KeyError):
+        raise PrgeError(f"{state_file} is damaged", "resume from another checkpoint (checkpoints/best) or start again") from None
     if s.cfg.tune == "full":
         tensors = io.load_tensors(folder / "params.safetensors")
         with torch.no_grad():
             for n, p in s.model.named_parameters():
                 p.copy_(tensors[n])
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+        try:
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+        except Exception as e:  # missing, truncated or not a state dict of this optimizer
+            raise PrgeError(f"{folder / 'optimizer.pt'} cannot be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                            "resume from another checkpoint (checkpoints/best) or start again") from None
     return state
 
 
-def resolve_resume(path: str) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) from a run folder or a checkpoint folder."""
+def resolve_resume(path: str) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder) from a run folder or a checkpoint folder; the checkpoint is None
+    for a run folder whose run was stopped before its first checkpoint."""
     p = Path(path)
-    if (p / "checkpoints").is_dir():
-        return p, io.resolve_dir(p / "checkpoints" / "last")
+    last = io.resolve_dir(p / "checkpoints" / "last")
+    if (p / "checkpoints").is_dir() and last.is_dir():
+        io.verify_dir(last)  # a damaged checkpoint is refused before the model is loaded
+        return p, last
+    if ((p / "config.yaml").is_file() or (p / LOCK_NAME).is_file()) and not last.is_dir():
+        return p, None  # killed before its first checkpoint: nothing was trained yet, so it starts again at step 0
     if (p / "trainer_state.json").is_file() or Path(str(p) + ".old").is_dir():
+        io.verify_dir(io.resolve_dir(p))
         return p.parent.parent, io.resolve_dir(p)
     raise PrgeError(f"nothing to resume at {path}", "pass a run folder (with checkpoints/) or a checkpoint folder")
 
@@ -260,25 +282,31 @@ class EagerStepper:
 
 def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Train as configured; returns the summary. `stop_after` ends early after that step (tests use it
-    to simulate an interrupted run)."""
+    to simulate an interrupted run). The run folder is locked for the run (`prge.run.lock`)."""
     resume_ckpt = None
     if cfg.resume:
         run_dir, resume_ckpt = resolve_resume(cfg.resume)
         cfg.out = str(run_dir)
-    s = prepare(cfg, adapter=str(resume_ckpt) if resume_ckpt and cfg.tune != "full" else None)
-    run_dir = Path(cfg.out or f"runs/{s.data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    stepper = EagerStepper(s)
-    say(f"prge: {cfg.method} ({cfg.mode if cfg.method == 'prge' else cfg.tune}) on {s.data_name}, model {cfg.model}, "
-        f"{count_trainable(s.model) if cfg.method == 'fo' else sum(p.numel() for p in s.params):,} trained values, "
-        f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
-    plan = Plan(cfg.steps, cfg.eval_every, cfg.checkpoint_every, cfg.progress, "train", stop_after)
-    state = loop.train(stepper, plan, run_dir, resume_ckpt, log=say,
-                       on_eval=lambda step, ev: plot(run_dir / "metrics.jsonl", run_dir / "curves.png"))
-    if state["stopped"]:
-        return {"stopped_at": state["end"], "run_dir": str(run_dir)}
-    return finish(s, run_dir, state, state["seconds"])
+    with contextlib.ExitStack() as held:
+        if cfg.out:  # locked before anything is loaded or written
+            held.enter_context(run_lock(cfg.out, log=say))
+        if cfg.resume and resume_ckpt is None:
+            say(f"prge: {cfg.out} was stopped before its first checkpoint; starting again at step 0")
+        s = prepare(cfg, adapter=str(resume_ckpt) if resume_ckpt and cfg.tune != "full" else None)
+        run_dir = Path(cfg.out or f"runs/{s.data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not cfg.out:
+            held.enter_context(run_lock(run_dir, log=say))
+        io.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        stepper = EagerStepper(s)
+        say(f"prge: {cfg.method} ({cfg.mode if cfg.method == 'prge' else cfg.tune}) on {s.data_name}, model {cfg.model}, "
+            f"{count_trainable(s.model) if cfg.method == 'fo' else sum(p.numel() for p in s.params):,} trained values, "
+            f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
+        plan = Plan(cfg.steps, cfg.eval_every, cfg.checkpoint_every, cfg.progress, "train", stop_after)
+        state = loop.train(stepper, plan, run_dir, resume_ckpt, log=say,
+                           on_eval=lambda step, ev: plot(run_dir / "metrics.jsonl", run_dir / "curves.png"))
+        if state["stopped"]:
+            return {"stopped_at": state["end"], "run_dir": str(run_dir)}
+        return finish(s, run_dir, state, state["seconds"])
 
 
 def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
