@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PrgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # distributed runs: an error all ranks found is printed by rank 0 only
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (resume with --resume <run folder>)", file=sys.stderr)
