@@ -72,7 +72,11 @@ class Share:
         """(2·q/W,) local losses [L⁺ of my queries, L⁻ of my queries] -> (2q,) [L⁺_1..q, L⁻_1..q] of all ranks."""
         t = time.perf_counter()
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.contiguous())
+        try:
+            dist.all_gather(parts, local.contiguous())
+        except RuntimeError as e:  # a peer died or timed out; torchrun restarts every rank if --max-restarts allows
+            raise PrgeError(f"rank {self.rank} lost the other ranks during a step's exchange ({str(e).splitlines()[0][:160]})",
+                            "see the other ranks' output; torchrun --max-restarts K restarts them from rank 0's last checkpoint") from None
         self.exchange_seconds += time.perf_counter() - t
         self.exchanges += 1
         return torch.stack(parts).reshape(self.world, 2, -1).transpose(0, 1).reshape(-1)
@@ -102,7 +106,12 @@ def start(cfg: TrainConfig) -> Share:
         torch.set_num_threads(len(mine))
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's store outlives a restart: without a fresh prefix the restarted ranks read the dead
+        # ranks' addresses and gloo waits on them
+        store = dist.PrefixStore(f"prge/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
         raise PrgeError(f"rank {rank} could not reach the other ranks at {where} within {cfg.dist_timeout:g} s "
                         f"({str(e).splitlines()[0][:120]})",
@@ -116,7 +125,7 @@ def fingerprint(cfg: TrainConfig, s) -> dict[str, str]:
     for split in ("train", "dev", "test"):
         out[f"{split} data"] = repr([(e.prompt_ids, e.answer_ids, e.label) for e in getattr(s, split)])
     with torch.no_grad():
-        out["model weights"] = repr([float(p.double().sum()) for p in s.model.parameters()])
+        out["model weights"] = repr([float(p.double().sum()) for n, p in s.model.named_parameters() if "lora_" not in n])
     return out
 
 
@@ -139,10 +148,9 @@ def check_same_setup(share: Share, cfg: TrainConfig, s) -> None:
     for j, name in enumerate(names):
         differ = [r for r in range(share.world) if table[r, j] != table[0, j]]
         if differ:
-            what = f"{name} = {prints[name]}" if share.rank == 0 and name in {f.name for f in dataclasses.fields(cfg)} else name
+            mine = f" (rank 0: {name} = {prints[name]})" if name in {f.name for f in dataclasses.fields(cfg)} else ""
             raise quiet_off_rank0(share, PrgeError(
-                f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with a different {name} than rank 0 "
-                f"(rank 0: {what})" if share.rank == 0 else f"ranks disagree on {name}",
+                f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with other {name} than rank 0{mine}",
                 "start every rank with the same command, data and model files"))
 
 
