@@ -84,8 +84,9 @@ class Share:
 
 def check_split(q: int, world: int) -> None:
     if q % world:
-        fix = f"pass --q {max(world, q - q % world)} or {q + world - q % world} (a multiple of {world}), or start {q} processes or a divisor of {q}"
-        raise PrgeError(f"--q {q} queries do not split evenly over {world} processes", fix)
+        near = sorted({max(world, q - q % world), q + world - q % world})
+        raise PrgeError(f"--q {q} queries do not split evenly over {world} processes",
+                        f"pass --q {' or '.join(map(str, near))} (a multiple of {world}), or start a number of processes that divides {q}")
 
 
 def start(cfg: TrainConfig) -> Share:
