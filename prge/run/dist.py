@@ -48,6 +48,9 @@ from prge.run.loop import Plan
 LOCAL_FIELDS = ("data_root", "train_file", "eval_file", "model", "device", "threads", "out", "resume", "progress")
 
 
+EVAL_WAIT = datetime.timedelta(days=7)
+
+
 def launched() -> bool:
     """True in a process started by torchrun (or with the same environment) with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -60,6 +63,7 @@ class Share:
     rank: int
     world: int
     q: int
+    store: object = None  # the job's key-value store (dist.Store): the other ranks wait on it while rank 0 evaluates
     exchange_seconds: float = 0.0  # time spent in the all-gather (benchmarks read it)
     exchanges: int = 0
 
@@ -75,8 +79,10 @@ class Share:
         try:
             dist.all_gather(parts, local.contiguous())
         except RuntimeError as e:  # a peer died or timed out; torchrun restarts every rank if --max-restarts allows
-            raise PrgeError(f"rank {self.rank} lost the other ranks during a step's exchange ({str(e).splitlines()[0][:160]})",
-                            "see the other ranks' output; torchrun --max-restarts K restarts them from rank 0's last checkpoint") from None
+            lost = PrgeError(f"rank {self.rank} lost the other ranks during a step's exchange ({str(e).splitlines()[0][:160]})",
+                             "see the other ranks' output; torchrun --max-restarts K restarts them from rank 0's last checkpoint")
+            lost.quiet = False  # each rank's own news: every rank prints it
+            raise lost from None
         self.exchange_seconds += time.perf_counter() - t
         self.exchanges += 1
         return torch.stack(parts).reshape(self.world, 2, -1).transpose(0, 1).reshape(-1)
@@ -117,7 +123,7 @@ def start(cfg: TrainConfig) -> Share:
         raise PrgeError(f"rank {rank} could not reach the other ranks at {where} within {cfg.dist_timeout:g} s "
                         f"({str(e).splitlines()[0][:120]})",
                         "check the address, the port and the firewall, and that all ranks were started (--dist-timeout sets the wait)") from None
-    return Share(rank, world, cfg.q)
+    return Share(rank, world, cfg.q, store)
 
 
 def fingerprint(cfg: TrainConfig, s) -> dict[str, str]:
@@ -175,7 +181,8 @@ def check_in_step(share: Share, params: list[torch.Tensor], step: int) -> None:
 
 def quiet_off_rank0(share: Share, e: PrgeError) -> PrgeError:
     """Errors every rank detects together are printed once, by rank 0 (the CLI skips `quiet` ones)."""
-    e.quiet = share.rank != 0
+    if not hasattr(e, "quiet"):
+        e.quiet = share.rank != 0
     return e
 
 
@@ -203,17 +210,30 @@ class DistStepper:
 
     def start(self):
         self.broadcast_weights()
-        return self.inner.start() if self.rank0 else (None, None)
+        return self.after_rank0("start", self.inner.start if self.rank0 else lambda: (None, None))
 
     def step(self, step: int):
-        out = self.inner.step(step)
+        try:
+            out = self.inner.step(step)
+        except PrgeError as e:  # a non-finite loss: every rank has the same losses, rank 0 says it
+            raise quiet_off_rank0(self.share, e)
         _kill_hook(self.share, step)
         if self.check_every and step % self.check_every == 0:
             check_in_step(self.share, self.inner.s.params, step)
         return out
 
     def evaluate(self, step: int):
-        return self.inner.evaluate(step) if self.rank0 else None
+        return self.after_rank0(f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
+
+    def after_rank0(self, name: str, work):
+        """Run `work`; the other ranks then wait for rank 0's without the exchange's time limit (an
+        evaluation can take longer than --dist-timeout; if rank 0 dies, torchrun stops them)."""
+        out = work()
+        if self.rank0:
+            self.share.store.set(name, "done")
+        else:
+            self.share.store.wait([name], EVAL_WAIT)
+        return out
 
     def save(self, folder: Path, step: int, state: dict) -> None:
         if self.rank0:
