@@ -6,7 +6,7 @@ Parts (each appends raw rows to benchmarks/results/distributed.jsonl):
   allgather   W gloo processes on loopback (torch.multiprocessing) all-gather the step's losses exactly as
               `prge.run.dist.Share.gather` does: 2q/W float32 per rank, for q in --qs. Median and p90 over
               --iters exchanges after 50 warm-up ones; payload bytes per rank and per step.
-  steps       `prge train` on --model (default SmolLM2-135M, sst2, b = 4, the default job's shapes) with
+  steps       `prge train` on --model (default SmolLM2-135M, or `small`: see small_model; sst2, b = 4) with
               --steps steps, no evaluation between: 1 process x 2 threads at q; 2 processes x 1 thread
               (torchrun) at the same global q; and 1 process x 1 thread at q/2 and q/4 (one rank's
               compute alone, for the projection). The median per-step seconds from metrics.jsonl (rank 0),
@@ -106,6 +106,26 @@ def allgather(worlds: list[int], qs: list[int], iters: int) -> None:
 # ------------------------------------------------------------------------------------------------ steps
 
 
+def small_model(folder: Path) -> str:
+    """The notes' 21M Llama shape (hidden 512, 4 layers, 8 heads, MLP 1376) with prge.testing's tiny
+    tokenizer (vocab ~500), random weights: a model whose step is compute-bound like SmolLM2's, at a
+    tenth of its cost, for when the machine is too busy for SmolLM2."""
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        from prge.testing import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True,
+                          vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=None, bos_token_id=None, use_cache=False)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return str(folder)
+
+
 def train_args(model: str, q: int, steps: int, out: Path) -> list[str]:
     return ["train", "--model", model, "--task", "sst2", "--q", str(q), "--batch-size", "4", "--steps", str(steps),
             "--eval-every", "0", "--checkpoint-every", "0", "--n-dev", "8", "--n-test", "8", "--no-progress", "--out", str(out)]
@@ -118,6 +138,10 @@ def step_seconds(run_dir: Path) -> list[float]:
 
 def steps(model: str, q: int, n: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    model_name = model if model != "small" else "small (21M-shape Llama, random weights, tiny tokenizer)"
+    if model == "small":
+        sys.path.insert(0, str(ROOT))
+        model = small_model(Path(tempfile.gettempdir()) / "prge-bench-small-llama")
     variants = [("1 process x 2 threads", 1, 2, q), ("2 processes x 1 thread", 2, 1, q),
                 ("1 process x 1 thread", 1, 1, q // 2), ("1 process x 1 thread", 1, 1, max(1, q // 4))]
     for name, procs, threads, qq in variants:
@@ -135,7 +159,7 @@ def steps(model: str, q: int, n: int) -> None:
                 continue
             secs = step_seconds(out)
             write({"part": "steps", "variant": name, "processes": procs, "threads_per_process": threads, "q": qq,
-                   "queries_per_rank": qq // procs, "batch_size": 4, "model": model, "task": "sst2", "steps": n,
+                   "queries_per_rank": qq // procs, "batch_size": 4, "model": model_name, "task": "sst2", "steps": n,
                    "step_seconds": secs, "median_step_s": statistics.median(secs[1:]), "wall_s": time.time() - t})
 
 
@@ -187,7 +211,7 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[2], help="processes for the all-gather part")
     ap.add_argument("--qs", type=int, nargs="+", default=[4, 8, 16, 64], help="global queries for the all-gather part")
     ap.add_argument("--iters", type=int, default=1000, help="timed all-gathers per q")
-    ap.add_argument("--model", default="smollm2-135m", help="model for the steps part")
+    ap.add_argument("--model", default="smollm2-135m", help="model for the steps part: a prge --model, or small (see small_model)")
     ap.add_argument("--q", type=int, default=4, help="global queries for the steps part")
     ap.add_argument("--steps", type=int, default=8, help="training steps per variant (the first is not counted)")
     ap.add_argument("--render", action="store_true", help="only print the tables from the JSONL")
