@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PrgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # distributed runs: an error all ranks found is printed by rank 0 only
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system refused (full disk, permissions, a path that cannot be created)
         where = f" ({e.filename})" if e.filename else ""

@@ -73,6 +73,9 @@ class TrainConfig:
     out: str | None = opt(None, "run folder (default: runs/<task>-<method>-<time>)")
     resume: str | None = opt(None, "a run folder or checkpoint folder to continue exactly from")
     progress: bool = opt(True, "show a progress bar")
+    # more than one process (torchrun -m prge train ...; see the README's "More than one machine")
+    check_every: int = opt(50, "torchrun runs: every N steps the ranks compare a checksum of B and stop with an error naming the step if they differ (0: only at the end)")
+    dist_timeout: float = opt(600.0, "torchrun runs: seconds a rank waits for the others (to connect, and at each exchange) before stopping with an error")
 
     def check(self) -> "TrainConfig":
         check_types(self)

@@ -45,6 +45,7 @@ class Plan:
     progress: bool = True
     desc: str = "train"  # the progress bar's label
     stop_after: int | None = None  # end early after this step with a checkpoint (tests: an interrupted run)
+    record: bool = True  # False on the ranks of a distributed run other than 0: same steps, nothing written
 
 
 class Stepper(Protocol):
@@ -97,25 +98,31 @@ def _saved_step(folder: Path) -> int | None:
 
 def _train(stepper: Stepper, plan: Plan, run_dir: Path, resume: Path | None, log, on_eval) -> dict:
     ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # the one writer of a run (rank 0 of a distributed run): metrics and checkpoints
+    append = io.append_jsonl if plan.record else (lambda path, row: None)
+    save = stepper.save if plan.record else (lambda folder, step, state: None)
+    if plan.record:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state = {"best_accuracy": -1.0, "best_step": 0, "before": None, "before_loss": None, "seconds": 0.0}
     if resume is not None:
         saved = stepper.load(resume)
         start = saved["step"]
         state.update({k: saved[k] for k in LOOP_STATE if k in saved})
-        io.truncate_metrics(metrics, start)
+        if plan.record:
+            io.truncate_metrics(metrics, start)
         log(f"resumed from {resume} at step {start}")
     else:
         start = 0
-        metrics.unlink(missing_ok=True)
+        if plan.record:
+            metrics.unlink(missing_ok=True)
         before, dev0 = stepper.start()
         if before is not None:
             state["before"], state["before_loss"] = before["accuracy"], before["loss"]
         if dev0 is not None:
             state["best_accuracy"] = dev0["accuracy"]
-            io.append_jsonl(metrics, {"step": 0, "split": "dev", **dev0})
-        stepper.save(ckpts / "best", 0, state)
-        stepper.save(ckpts / "last", 0, state)  # a kill before the first step keeps the evaluations
+            append(metrics, {"step": 0, "split": "dev", **dev0})
+        save(ckpts / "best", 0, state)
+        save(ckpts / "last", 0, state)  # a kill before the first step keeps the evaluations
 
     bar = _progress(plan, start)
     t_loop = time.time() - state["seconds"]
@@ -125,22 +132,22 @@ def _train(stepper: Stepper, plan: Plan, run_dir: Path, resume: Path | None, log
         for step in range(start + 1, end + 1):
             t = time.time()
             loss, g_abs = stepper.step(step)
-            io.append_jsonl(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
+            append(metrics, {"step": step, "loss": loss, "g_abs": g_abs, "seconds": time.time() - t})
             if plan.eval_every and step % plan.eval_every == 0 or step == plan.steps:
                 state["seconds"] = time.time() - t_loop
                 ev = stepper.evaluate(step)
                 if ev is not None:
                     last_acc = ev["accuracy"]
-                    io.append_jsonl(metrics, {"step": step, "split": "dev", **ev})
+                    append(metrics, {"step": step, "split": "dev", **ev})
                     if ev["accuracy"] > state["best_accuracy"]:
                         state["best_accuracy"], state["best_step"] = ev["accuracy"], step
-                        stepper.save(ckpts / "best", step, state)
-                stepper.save(ckpts / "last", step, state)
+                        save(ckpts / "best", step, state)
+                save(ckpts / "last", step, state)
                 if ev is not None and on_eval is not None:
                     on_eval(step, ev)
             elif plan.checkpoint_every and step % plan.checkpoint_every == 0 and step < end:
                 state["seconds"] = time.time() - t_loop
-                stepper.save(ckpts / "last", step, state)
+                save(ckpts / "last", step, state)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if last_acc is None else f"{last_acc:.3f}")
@@ -150,7 +157,7 @@ def _train(stepper: Stepper, plan: Plan, run_dir: Path, resume: Path | None, log
     state["seconds"] = time.time() - t_loop
     stopped = bool(plan.stop_after) and end < plan.steps
     if stopped:
-        stepper.save(ckpts / "last", end, state)
+        save(ckpts / "last", end, state)
     return {**state, "last_accuracy": last_acc, "end": end, "stopped": stopped}
 
 

@@ -167,13 +167,14 @@ def make_optimizer(s: Setup):
     return cls(s.params, lr=s.cfg.lr)
 
 
-def one_step(s: Setup, batch, step: int, optimizer) -> tuple[float, float]:
-    """(mean loss, mean |g|) of one training step of the configured method."""
+def one_step(s: Setup, batch, step: int, optimizer, share=None) -> tuple[float, float]:
+    """(mean loss, mean |g|) of one training step of the configured method (`share`: this process's
+    queries of a distributed P-RGE step, `prge.run.dist`)."""
     c = s.cfg
     lr = lr_at(c.lr, c.lr_schedule, step, c.steps)
     if c.method == "prge":
         r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, mode=c.mode,
-                      noise=c.noise, normalize=c.normalize)
+                      noise=c.noise, normalize=c.normalize, share=share)
     elif c.method == "mezo":
         r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, noise=c.noise,
                       normalize=c.normalize)
@@ -253,8 +254,9 @@ def resolve_resume(path: str) -> tuple[Path, Path | None]:
 class EagerStepper:
     """`prge.run.loop.Stepper` over the model in PyTorch: prge, mezo or fo steps on `Setup`."""
 
-    def __init__(self, s: Setup):
+    def __init__(self, s: Setup, share=None):
         self.s = s
+        self.share = share  # this process's queries in a distributed run (`prge.run.dist`), else None
         self.optimizer = make_optimizer(s)
 
     def start(self) -> tuple[dict, dict]:
@@ -268,7 +270,7 @@ class EagerStepper:
     def step(self, step: int) -> tuple[float, float]:
         s, c = self.s, self.s.cfg
         batch = collate([s.train[i] for i in step_indices(len(s.train), c.batch_size, c.seed, step)], s.pad_id).to(c.device)
-        return one_step(s, batch, step, self.optimizer)
+        return one_step(s, batch, step, self.optimizer, self.share)
 
     def evaluate(self, step: int) -> dict:
         return self.s.evaluate(self.s.dev)
@@ -282,7 +284,12 @@ class EagerStepper:
 
 def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Train as configured; returns the summary. `stop_after` ends early after that step (tests use it
-    to simulate an interrupted run). The run folder is locked for the run (`prge.run.lock`)."""
+    to simulate an interrupted run). The run folder is locked for the run (`prge.run.lock`). Under
+    torchrun with more than one process, `prge.run.dist` runs it."""
+    from prge.run import dist
+
+    if dist.launched():
+        return dist.run(cfg, stop_after)
     resume_ckpt = None
     if cfg.resume:
         run_dir, resume_ckpt = resolve_resume(cfg.resume)

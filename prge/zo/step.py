@@ -67,11 +67,20 @@ def apply_update(params: list[torch.Tensor], zs: list[torch.Tensor], g: torch.Te
 
 @torch.no_grad()
 def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, step: int, *, seed: int,
-              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False) -> ZOStep:
-    """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model."""
+              q: int, eps: float, lr: float, mode: str = "dual", noise: str = "counter", normalize: bool = False,
+              share=None) -> ZOStep:
+    """One P-RGE step on the LoRA B tensors `params` of an MP-LoRA model.
+
+    `share` (a `prge.run.dist.Share`) splits the queries across processes: this one evaluates the
+    global queries `share.queries` only, `share.gather` exchanges the losses, and every process applies
+    the same update from all q. The noise is drawn for all q by global query id, so it never depends
+    on the process."""
     key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
     zs = est.all_noise(key, q, [tuple(p.shape) for p in params], noise)
-    losses = perturbed_losses(model, params, zs, loss_fn, batch, eps, mode)
+    if share is None:
+        losses = perturbed_losses(model, params, zs, loss_fn, batch, eps, mode)
+    else:
+        losses = share.gather(perturbed_losses(model, params, [z[share.queries] for z in zs], loss_fn, batch, eps, mode))
     check_finite(losses, step)
     g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
     apply_update(params, zs, g, lr)
