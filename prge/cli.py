@@ -161,7 +161,7 @@ def cmd_export(args) -> int:
         f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'} -> {out}")
     manifest = export_program(s.model, s.tokenizer, s.label_ids, q=cfg.q, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
-                              quantize=args.quantize, out_path=out, model_name=cfg.model,
+                              quantize=None if args.quantize == "none" else args.quantize, out_path=out, model_name=cfg.model,
                               eval_batch_size=args.eval_batch_size, log=say,
                               run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS})
     data = out.with_suffix(".data.safetensors")
@@ -185,10 +185,12 @@ def device_run_options(args) -> dict:
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
+    from prge.engine.formats import check_eps, load_manifest
     from prge.engine.runtime import device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
     opts = device_run_options(args)
+    check_eps(load_manifest(args.program), opts["eps"])  # before either loop writes anything
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 
@@ -251,9 +253,9 @@ def parser() -> argparse.ArgumentParser:
                    help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
                         "unseeded randn (NOT reproducible, cannot resume exactly)")
-    x.add_argument("--quantize", default=None, choices=["8da4w", "8da8w"],
-                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights); "
-                        "LoRA B stays float32. Use --eps 1e-2 or larger with it (default: float32 base)")
+    x.add_argument("--quantize", default="none", choices=["none", "8da4w", "8da8w"],
+                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights; "
+                        "LoRA B stays float32; use --eps 1e-2 or larger with them), or none: a float32 base (default: none)")
     x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
     x.add_argument("--adapter", help="start from this PEFT adapter (its A and B) instead of a fresh LoRA")
     x.add_argument("--config", help="YAML file of options")
