@@ -173,7 +173,7 @@ def cmd_export(args) -> int:
         f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'} -> {out}")
     manifest = export_program(s.model, s.tokenizer, s.label_ids, q=cfg.q, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
-                              quantize=args.quantize, out_path=out, model_name=cfg.model,
+                              quantize=None if args.quantize == "none" else args.quantize, out_path=out, model_name=cfg.model,
                               eval_batch_size=args.eval_batch_size, log=say,
                               run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS})
     data = out.with_suffix(".data.safetensors")
@@ -197,11 +197,13 @@ def device_run_options(args) -> dict:
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
+    from prge.engine.formats import check_eps, load_manifest
     from prge.engine.runtime import check_loop_settings, device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
     opts = device_run_options(args)
     check_loop_settings(**opts)  # before either loop starts (the native one included)
+    check_eps(load_manifest(args.program), opts["eps"])
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 
@@ -271,10 +273,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--noise", default="counter", choices=["counter", "host", "engine"],
                    help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
-                        "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
-    x.add_argument("--quantize", default=None, choices=["8da4w", "8da8w"],
-                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights); "
-                        "LoRA B stays float32. Use --eps 1e-2 or larger with it (default: float32 base)")
+                        "unseeded randn (NOT reproducible, cannot resume exactly)")
+    x.add_argument("--quantize", default="none", choices=["none", "8da4w", "8da8w"],
+                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights; "
+                        "LoRA B stays float32; use --eps 1e-2 or larger with them), or none: a float32 base (default: none)")
     x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
     x.add_argument("--adapter", help="start from this PEFT adapter (its A and B) instead of a fresh LoRA")
     x.add_argument("--config", help="YAML file of options")

@@ -5,7 +5,7 @@ almost nothing in prge depends on the weights being *trained*, only on the shape
 behaviour (label words as single tokens, no BOS, a pad token, a chat template) and the
 architecture family. So the tests use a byte-level BPE tokenizer trained in memory on a few
 hundred words, and 2-layer models with random weights from the same Hugging Face classes the real
-models use (Llama for SmolLM2, Gemma3, Qwen2, OPT, GPT-2).
+models use (Llama for SmolLM2, Gemma3, Qwen2, Qwen3, Phi-3, OPT, GPT-2).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def tiny_tokenizer():
     return tok
 
 
-ARCHS = ("llama", "qwen2", "gemma3", "opt", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "opt", "gpt2")
 
 
 def _config(arch: str, vocab_size: int, eos_id: int):
@@ -119,6 +119,20 @@ def _config(arch: str, vocab_size: int, eos_id: int):
 
         return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        # q/k RMS norms and no q/k/v biases (Qwen2 has them)
+        return Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                           **common)
+    if arch == "phi3":
+        from transformers import Phi3Config
+
+        # fused qkv_proj and gate_up_proj; an untied LM head, like Phi-3-mini
+        return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False, **common)
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
 

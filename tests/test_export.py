@@ -329,6 +329,28 @@ def test_truncated_program_is_refused(prog, tmp_path):
         Engine(path, unhashed)
 
 
+def test_eps_below_what_a_quantised_program_resolves_is_refused(prog, tmp_path):
+    """A quantised base cannot resolve a small ε (int8 activation rounding swamps L+ - L-): the Python
+    loop, the CLI (before the native runner starts) and the exporter refuse it, writing nothing."""
+    from prge.cli import main
+
+    path = copy_program(prog, tmp_path)
+    mpath = Path(str(path) + ".json")
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "quantization": "8da4w"}))
+    with pytest.raises(PrgeError, match="eps=0.001 is below.*8da4w.*--eps 0.01"):
+        device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=1e-3, progress=False)
+    for native in ([], ["--native"]):
+        assert main(["device-train", "--program", str(path), "--data", str(prog["data"]), "--out", str(tmp_path / "run"),
+                     "--steps", "1", "--eps", "1e-3", "--no-progress", *native]) == 2
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(PrgeError, match="eps=0.005 is below"):
+        export_program(prog["eager"], prog["setup"].tokenizer, prog["setup"].label_ids, q=Q, batch_size=B, max_length=T,
+                       quantize="8da8w", out_path=tmp_path / "q.pte", model_name="tiny", run_defaults={"eps": 5e-3})
+    assert not (tmp_path / "q.pte").exists()
+    # at the threshold the check passes (the loop then runs the fp32 program under this manifest)
+    device_train(path, prog["data"], tmp_path / "ok", steps=1, lr=LR, eps=1e-2, eval_every=0, progress=False)
+
+
 def test_corrupt_checkpoint_is_refused(prog, tmp_path, device_run):
     out = tmp_path / "run"
     shutil.copytree(device_run[0], out)

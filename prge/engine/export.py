@@ -57,8 +57,8 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import Batch
-from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, identity_sha256, lora_a_path,
-                                  manifest_path, seal)
+from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, QUANTIZED_MIN_EPS, check_eps,
+                                  identity_sha256, lora_a_path, manifest_path, seal)
 from prge.errors import PrgeError
 from prge.zo.lora import lora_layers, set_copies, using
 from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
@@ -66,6 +66,8 @@ from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scor
 NOISE_MODES = ("counter", "host", "engine")
 QUANTIZE_MODES = (None, "8da4w", "8da8w")
 LOSSES = ("class", "lm")
+# model_type of the families whose export is tested against eager training (tests/test_families.py)
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", "gpt2")
 # buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
 # which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
 STATE_PATTERNS = ["copies", "eps_prev"]
@@ -316,6 +318,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         raise PrgeError(f"unknown noise mode {noise!r}", f"use one of {', '.join(NOISE_MODES)}")
     if quantize not in QUANTIZE_MODES:
         raise PrgeError(f"unknown quantization {quantize!r}", "use --quantize 8da4w or 8da8w, or leave it out")
+    if quantize and (run_defaults or {}).get("eps") is not None:
+        check_eps({"quantization": quantize}, run_defaults["eps"])  # the eps a device run would default to
     if loss not in LOSSES:
         raise PrgeError(f"unknown loss {loss!r}", "use --loss class or --loss lm")
     if loss == "class" and label_ids is None:
@@ -323,6 +327,10 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     if q < 1 or batch_size < 1 or max_length < 2 or answer_slots < 1:
         raise PrgeError(f"bad program shape q={q}, batch_size={batch_size}, max_length={max_length}, answer_slots={answer_slots}",
                         "pass positive --q and --batch-size and --max-length >= 2")
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise PrgeError(f"cannot export a {family!r} model: the exported step is checked against eager training only for "
+                        f"the families {', '.join(SUPPORTED_FAMILIES)}", "train it with `prge train` instead, or convert it to one of them")
     layers = lora_layers(model)
     if not layers:
         raise PrgeError("the model has no LoRA layers", "add them with prge.zo.lora.add_lora first")
@@ -341,7 +349,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
 
     traced = model
     if quantize:
-        log(f"quantising the frozen base ({quantize}); train it with eps >= 1e-2 (activation quantisation noise)")
+        log(f"quantising the frozen base ({quantize}); train it with eps >= {QUANTIZED_MIN_EPS:g} (activation quantisation noise)")
         traced = _quantize(copy.deepcopy(model), quantize)
     core = StepProgram(traced, label_ids, q, loss, noise).eval()
     inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels)

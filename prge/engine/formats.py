@@ -149,6 +149,19 @@ def verify_program(program_path: str | os.PathLike, manifest: dict) -> None:
                         "export the program again (or restore it from a copy)")
 
 
+# smallest ε a quantised base takes: below it the int8 activation rounding error in L+ − L- is as
+# large as the difference itself (benchmarks/quantized.py eps; README "Quantised programs")
+QUANTIZED_MIN_EPS = 1e-2
+
+
+def check_eps(manifest: dict, eps: float) -> None:
+    """Refuse an ε the program's base cannot resolve (a quantised base needs ε >= QUANTIZED_MIN_EPS)."""
+    if manifest.get("quantization") and eps < QUANTIZED_MIN_EPS:
+        raise PrgeError(f"eps={eps:g} is below what a {manifest['quantization']} program resolves: the int8 activation "
+                        "rounding swamps L+ - L- at small eps",
+                        f"pass --eps {QUANTIZED_MIN_EPS:g} or larger, or export with --quantize none")
+
+
 def _short(x) -> str:
     s = repr(x)
     return s if len(s) <= 48 else s[:22] + "…" + s[-22:]

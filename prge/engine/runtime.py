@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,8 +41,8 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_manifest, identity_sha256, load_manifest,
-                                  lora_a_path, manifest_path, read_dataset, verify_program, write_adapter)
+from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_eps, check_manifest, identity_sha256,
+                                  load_manifest, lora_a_path, manifest_path, read_dataset, verify_program, write_adapter)
 from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
@@ -310,9 +309,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     if normalize and manifest["q"] < 2:
         raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)",
                         "export the program with --q 2 or more, or drop --normalize")
-    if manifest.get("quantization") and eps < 1e-2:
-        warnings.warn(f"eps={eps} with a {manifest['quantization']} base: activation quantisation noise swamps "
-                      "L+ - L- at small eps; use eps >= 1e-2", stacklevel=2)
+    check_eps(manifest, eps)
     if manifest["noise"] == "engine":
         log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
     lora_a = io.load_tensors(lora_a_path(program_path))

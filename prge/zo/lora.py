@@ -39,6 +39,7 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 FAMILY_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # q/k/v and gate/up are fused
 }
 
 
