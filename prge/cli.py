@@ -151,7 +151,8 @@ def cmd_merge(args) -> int:
 # options of `prge train` that shape an exported program or its data
 EXPORT_FIELDS = ("model", "task", "data_root", "train_file", "eval_file", "template", "label_words", "q", "batch_size",
                  "loss", "rank", "alpha", "targets", "layers", "n_train", "n_dev", "max_length", "truncate", "seed",
-                 "threads", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize")
+                 "threads", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize", "lora_a",
+                 "lora_a_rows")
 
 
 def cmd_export(args) -> int:

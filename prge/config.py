@@ -56,6 +56,8 @@ class TrainConfig:
     alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha/r)")
     targets: list[str] | None = opt(None, "module names to wrap (default: q,k,v,o,gate,up,down projections, or the family's equivalents)")
     layers: list[int] | None = opt(None, "only wrap modules in these decoder layers (default: all)")
+    lora_a: str = opt("random", "the frozen LoRA A: random (seeded Kaiming, as PEFT), activations (the top-r principal directions of each wrapped module's inputs over --lora-a-rows training rows: forward passes only, see docs/optimiser.md), or a .safetensors file of A matrices")
+    lora_a_rows: int = opt(256, "training rows whose activations choose A with --lora-a activations (one forward each)")
     # data shape
     n_train: int | None = opt(None, "training examples sampled (seeded) from the task's train pool (default: 1000, or fewer where the task has fewer; see the README's task table)")
     n_dev: int | None = opt(None, "held-out dev examples used for periodic evaluation and best-checkpoint selection (default: 500, or what the task has left)")
@@ -103,6 +105,14 @@ class TrainConfig:
             raise PrgeError("--normalize needs q >= 2 (the spread of one ± pair is not defined)", "pass --q 2 or more, or drop --normalize")
         if self.tune == "lora" and self.method != "fo":
             raise PrgeError("--tune lora trains A too, which only backprop does here", "use --tune lora-fa with prge/mezo, or --method fo")
+        if self.lora_a != "random" and self.tune == "full":
+            raise PrgeError(f"--lora-a {self.lora_a} chooses LoRA's A, but --tune full trains no LoRA",
+                            "drop --lora-a, or use --tune lora-fa")
+        if self.lora_a not in ("random", "activations") and not self.lora_a.endswith(".safetensors"):
+            raise PrgeError(f"--lora-a {self.lora_a!r} is not random, activations or a .safetensors file",
+                            "pass --lora-a random, --lora-a activations or --lora-a path/to/a.safetensors")
+        if self.lora_a_rows < 1:
+            raise PrgeError(f"--lora-a-rows must be >= 1, got {self.lora_a_rows}", "pass e.g. --lora-a-rows 256")
         if self.tune == "full" and self.method == "prge":
             raise PrgeError("P-RGE perturbs copies of the LoRA B matrices; it does not do full-parameter training",
                             "use --method mezo --tune full, or --tune lora-fa")

@@ -153,11 +153,31 @@ def prepare(cfg: TrainConfig, adapter: str | None = None, data: bool = True) -> 
             adapters.load_adapter(model, adapter)
         else:
             add_lora(model, cfg.targets, cfg.rank, cfg.alpha, train_a=cfg.tune == "lora", layers=cfg.layers, seed=cfg.seed)
+            choose_a(cfg, model, train_e, tok.pad_token_id)
         layers = lora_layers(model).values()
         params = [m.lora_B for m in layers] + ([m.lora_A for m in layers] if cfg.tune == "lora" else [])
         for p in params:
             p.requires_grad_(cfg.method == "fo")
     return Setup(cfg, model, tok, train_e, dev_e, test_e, label_ids, params, tok.pad_token_id, name, kind)
+
+
+def choose_a(cfg: TrainConfig, model, train: list[Encoded], pad_id: int) -> None:
+    """Replace the random A with the one `--lora-a` asks for (`prge.zo.subspace`)."""
+    if cfg.lora_a == "random":
+        return
+    from prge.zo import subspace
+
+    if cfg.lora_a == "activations":
+        rows = train[:cfg.lora_a_rows]
+        if not rows:
+            raise PrgeError("--lora-a activations needs training rows", "give training data, or use --lora-a random")
+        n = cfg.eval_batch_size
+        batches = (collate(rows[i:i + n], pad_id).to(cfg.device) for i in range(0, len(rows), n))
+        t0 = time.time()
+        subspace.set_a(model, subspace.activation_basis(model, batches, cfg.rank))
+        say(f"prge: A from the activations of {len(rows)} training rows ({len(rows)} row-forwards, {time.time() - t0:.0f} s)")
+    else:
+        subspace.set_a(model, subspace.load_a(cfg.lora_a), where=cfg.lora_a)
 
 
 def make_optimizer(s: Setup):
