@@ -112,15 +112,17 @@ def run_python(pte: Path, steps: int, eps: float, cache: bool, threads: int, tmp
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--program", help="measure this exported program (its X.data.safetensors beside it) instead of exporting")
     p.add_argument("--quantize", nargs="+", default=["none"], help="none, 8da4w, 8da8w")
     p.add_argument("--loops", nargs="+", default=["native", "python"])
     p.add_argument("--cache", nargs="+", default=["off", "on"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default=str(RESULTS), help="the JSONL file rows are appended to")
     a = p.parse_args(argv)
     for qz in a.quantize:
         quantize = None if qz == "none" else qz
-        pte = export(a.model, quantize, a.threads)
+        pte = Path(a.program) if a.program else export(a.model, quantize, a.threads)
         sizes = program_sizes(pte)
         eps = 1e-2 if quantize else 1e-3
         for loop in a.loops:
@@ -128,13 +130,16 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory(prefix="prge-footprint-") as tmp:
                     run = run_native if loop == "native" else run_python
                     res = run(pte, a.steps, eps, cache == "on", a.threads, Path(tmp))
-                row = {"model": a.model, "quantize": quantize or "fp32", "weight_cache": cache == "on", "loop": loop,
+                manifest = json.loads(Path(str(pte) + ".json").read_text())
+                model = manifest["model"] if a.program else a.model
+                row = {"model": model, "quantize": quantize or "fp32", "weight_cache": cache == "on", "loop": loop,
                        **res, **sizes, "target_mb": 1.25 * (sizes["weights_mb"] + sizes["arena_mb"]),
-                       "steps": a.steps, "threads": a.threads, "q": 4, "batch_size": 4, "max_length": 128,
+                       "steps": a.steps, "threads": a.threads, **{k: manifest[k] for k in ("q", "batch_size", "max_length")},
                        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                with RESULTS.open("a") as f:
+                results = Path(a.results)
+                results.parent.mkdir(parents=True, exist_ok=True)
+                with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     return 0

@@ -312,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar (default: on)")
     d.add_argument("--weight-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="let the program's methods share one copy of XNNPACK's packed weights instead of one each "
-                        "(less memory, same results)")
+                        "(less memory, same results; also for --native); default: on")
     d.add_argument("--native", action="store_true",
                    help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
                         "instead of the Python loop: same steps, losses, checkpoints and adapter")

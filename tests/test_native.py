@@ -229,14 +229,14 @@ def test_the_program_describes_itself(prog):
     """Shapes and the identity hash are constant methods of the .pte, equal to the manifest's."""
     from executorch.runtime import Runtime
 
-    from prge.engine.formats import CONSTANT_METHODS, identity_sha256
+    from prge.engine.formats import CONSTANT_METHODS, identity_sha256, read_dataset
 
     p = Runtime.get().load_program(prog["path"])
     got = {m: p.load_method(m).execute([])[0] for m in CONSTANT_METHODS}
     m = prog["manifest"]
     assert got == {meth: m[field] for meth, field in CONSTANT_METHODS.items()}
     assert got["get_identity_sha256"] == identity_sha256(m) == m["identity_sha256"]
-    _, meta = __import__("prge.engine.formats", fromlist=["read_dataset"]).read_dataset(prog["data"])
+    _, meta = read_dataset(prog["data"])
     assert meta["identity_sha256"] == m["identity_sha256"]
 
 
@@ -269,3 +269,14 @@ def test_a_replaced_manifest_is_refused(prog, tmp_path):
 
     with pytest.raises(PrgeError, match="does not match its manifest"):
         Engine(p, m)
+
+
+def test_the_weight_cache_changes_no_result(prog, runs):
+    """XNNPACK's shared packed weights (on by default) give the same bits as one packed copy per method."""
+    _, nat, _ = runs
+    out = prog["root"] / "nat_nocache"
+    native.native_train(prog["path"], prog["data"], out, binary=prog["exe"], weight_cache=False, log=lambda m: None, **KW)
+    assert json.loads((out / "native.json").read_text())["weight_cache"] is False
+    assert json.loads((nat / "native.json").read_text())["weight_cache"] is True
+    assert step_losses(out) == step_losses(nat)
+    assert torch.equal(native.final_b_flat(out), native.final_b_flat(nat))
