@@ -139,7 +139,9 @@ def check_types(cfg: "TrainConfig") -> None:
         if tp.startswith("list"):
             item = int if "int" in tp else str
             ok = isinstance(v, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in v)
-            want = f"a list of {'integers' if item is int else 'strings'}"
+            if f.name == "label_words" and isinstance(v, dict):  # {label name: word}, from Python or YAML
+                ok = all(isinstance(k, (str, int)) and not isinstance(k, bool) and isinstance(w, str) for k, w in v.items())
+            want = f"a list of {'integers' if item is int else 'strings'}" + (" (or a mapping of label: word)" if f.name == "label_words" else "")
         elif tp.startswith("bool"):
             ok, want = isinstance(v, bool), "true or false"
         elif tp.startswith("int"):

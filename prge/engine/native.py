@@ -271,7 +271,12 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
         resume = False
     if resume:
-        io.verify_dir(io.resolve_dir(out_dir / "checkpoints" / "last"))
+        last = io.resolve_dir(out_dir / "checkpoints" / "last")
+        io.verify_dir(last)
+        try:  # a kill can tear the last metrics row, which the binary's JSON reader refuses: drop it here
+            io.truncate_metrics(out_dir / "metrics.jsonl", int(json.loads((last / "trainer_state.json").read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no readable state: the binary names the problem
     exe = Path(binary) if binary else build(log=log)
     if not launcher:  # an emulator (launcher, e.g. ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]) runs a foreign binary
         check_runs_here(exe)
