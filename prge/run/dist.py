@@ -109,7 +109,10 @@ def start(cfg: TrainConfig) -> Share:
         cores = sorted(os.sched_getaffinity(0))
         n = max(1, len(cores) // local_world)
         mine = cores[local * n:(local + 1) * n] if len(cores) >= local_world else cores
-        os.sched_setaffinity(0, mine)
+        try:
+            os.sched_setaffinity(0, mine)
+        except OSError:  # a container may forbid it: the thread count alone still shares the cores
+            pass
         torch.set_num_threads(len(mine))
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
