@@ -187,7 +187,7 @@ def render() -> None:
     q = max(r["q"] for r in st)
     one = newest(st, processes=1, threads_per_process=2, q=q)
     two = newest(st, processes=2, q=q)
-    print(f"\n| variant | q | step (median) |\n|---|---|---|")
+    print("\n| variant | q | step (median) |\n|---|---|---|")
     for r in st:
         print(f"| {r['variant']} | {r['q']} | {r['median_step_s']:.2f} s |")
     serial = newest(st, processes=1, threads_per_process=1, q=q)
