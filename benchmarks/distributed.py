@@ -9,7 +9,7 @@ Parts (each appends raw rows to benchmarks/results/distributed.jsonl):
   steps       `prge train` on --model (default SmolLM2-135M, or `small`: see small_model; sst2, b = 4) with
               --steps steps, no evaluation between: 1 process x 2 threads at q; 2 processes x 1 thread
               (torchrun) at the same global q; and 1 process x 1 thread at q/2 and q/4 (one rank's
-              compute alone, for the projection). The median per-step seconds from metrics.jsonl (rank 0),
+              compute alone, for the projection), and 1 process x 1 thread at q. The median per-step seconds from metrics.jsonl (rank 0),
               step 1 left out.
   projection  (no measurement: --render) per-rank step time t(k) = c0 + c1·k fitted to the 1-thread runs
               (k queries per rank), plus a ring all-gather of W-1 hops of the measured 2-rank loopback
@@ -136,15 +136,18 @@ def step_seconds(run_dir: Path) -> list[float]:
     return [r["seconds"] for r in rows if "split" not in r]
 
 
-def steps(model: str, q: int, n: int) -> None:
+def steps(model: str, q: int, n: int, only: list[int] | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     model_name = model if model != "small" else "small (21M-shape Llama, random weights, tiny tokenizer)"
     if model == "small":
         sys.path.insert(0, str(ROOT))
         model = small_model(Path(tempfile.gettempdir()) / "prge-bench-small-llama")
     variants = [("1 process x 2 threads", 1, 2, q), ("2 processes x 1 thread", 2, 1, q),
-                ("1 process x 1 thread", 1, 1, q // 2), ("1 process x 1 thread", 1, 1, max(1, q // 4))]
-    for name, procs, threads, qq in variants:
+                ("1 process x 1 thread", 1, 1, q // 2), ("1 process x 1 thread", 1, 1, max(1, q // 4)),
+                ("1 process x 1 thread", 1, 1, q)]
+    for i, (name, procs, threads, qq) in enumerate(variants):
+        if only and i not in only:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
             if procs == 1:
@@ -184,12 +187,15 @@ def render() -> None:
     q = max(r["q"] for r in st)
     one = newest(st, processes=1, threads_per_process=2, q=q)
     two = newest(st, processes=2, q=q)
-    print(f"\n| variant | q | step (median) |\n|---|---|---|")
+    print("\n| variant | q | step (median) |\n|---|---|---|")
     for r in st:
         print(f"| {r['variant']} | {r['q']} | {r['median_step_s']:.2f} s |")
-    if one and two:
-        print(f"\nscaling efficiency at q = {q}: 2 processes x 1 thread vs 1 process x 2 threads: "
-              f"{one['median_step_s'] / two['median_step_s']:.2f}")
+    serial = newest(st, processes=1, threads_per_process=1, q=q)
+    for base, what in ((one, "1 process x 2 threads"), (serial, "1 process x 1 thread")):
+        if base and two:
+            speedup = base["median_step_s"] / two["median_step_s"]
+            print(f"\nat q = {q}, 2 processes x 1 thread against {what}: speed-up {speedup:.2f}"
+                  + (f", efficiency {speedup / 2:.2f} of 2 cores" if base is serial else ""))
     k1 = newest(st, processes=1, threads_per_process=1, q=max(1, q // 4))
     k2 = newest(st, processes=1, threads_per_process=1, q=q // 2)
     ag = newest(rows, part="allgather", world=2, q=q)
@@ -214,13 +220,15 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="model for the steps part: a prge --model, or small (see small_model)")
     ap.add_argument("--q", type=int, default=4, help="global queries for the steps part")
     ap.add_argument("--steps", type=int, default=8, help="training steps per variant (the first is not counted)")
+    ap.add_argument("--variants", type=int, nargs="+", help="steps part: only these of the variants, by index "
+                    "(0: 1 process x 2 threads, 1: 2 processes x 1 thread, 2: 1x1 at q/2, 3: 1x1 at q/4, 4: 1x1 at q)")
     ap.add_argument("--render", action="store_true", help="only print the tables from the JSONL")
     a = ap.parse_args()
     if not a.render:
         if "allgather" in a.parts:
             allgather(a.worlds, a.qs, a.iters)
         if "steps" in a.parts:
-            steps(a.model, a.q, a.steps)
+            steps(a.model, a.q, a.steps, a.variants)
     render()
 
 

@@ -6,7 +6,6 @@ a quiet 2-core machine), so the runs are shared between tests through module-sco
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

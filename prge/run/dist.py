@@ -109,7 +109,10 @@ def start(cfg: TrainConfig) -> Share:
         cores = sorted(os.sched_getaffinity(0))
         n = max(1, len(cores) // local_world)
         mine = cores[local * n:(local + 1) * n] if len(cores) >= local_world else cores
-        os.sched_setaffinity(0, mine)
+        try:
+            os.sched_setaffinity(0, mine)
+        except OSError:  # a container may forbid it: the thread count alone still shares the cores
+            pass
         torch.set_num_threads(len(mine))
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
@@ -199,7 +202,7 @@ def _kill_hook(share: Share, step: int) -> None:
 class DistStepper:
     """`prge.run.loop.Stepper` for one rank: the eager step on this rank's queries; rank 0 evaluates and saves."""
 
-    inner: object  # prge.run.train.EagerStepper with `share` set
+    inner: object  # prge.run.train.EagerStepper over a Setup whose `share` is set
     share: Share
     check_every: int
     lora: list[torch.Tensor] = field(default_factory=list)  # every LoRA tensor (A and B): what rank 0 broadcasts
@@ -289,7 +292,8 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
                 f"{cfg.q // share.world} of {cfg.q} queries, {sum(p.numel() for p in s.params):,} trained values, "
                 f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
         lora = [t for m in lora_layers(s.model).values() for t in (m.lora_A, m.lora_B)]
-        stepper = DistStepper(EagerStepper(s, share), share, cfg.check_every, lora)
+        s.share = share
+        stepper = DistStepper(EagerStepper(s), share, cfg.check_every, lora)
         plan = Plan(cfg.steps, cfg.eval_every, cfg.checkpoint_every, cfg.progress and rank0, "train", stop_after, record=rank0)
         state = loop.train(stepper, plan, run_dir, ckpt, log=say if rank0 else None,
                            on_eval=lambda step, ev: plot(run_dir / "metrics.jsonl", run_dir / "curves.png"))

@@ -58,6 +58,7 @@ class Setup:
     pad_id: int
     data_name: str
     kind: str = "classification"  # the task's kind (prge.data.tasks.KINDS), or "completion" for the user's own completions
+    share: object = None  # this process's queries of a torchrun run (`prge.run.dist.Share`), else None
 
     @property
     def loss_kind(self) -> str:
@@ -187,14 +188,13 @@ def make_optimizer(s: Setup):
     return cls(s.params, lr=s.cfg.lr)
 
 
-def one_step(s: Setup, batch, step: int, optimizer, share=None) -> tuple[float, float]:
-    """(mean loss, mean |g|) of one training step of the configured method (`share`: this process's
-    queries of a distributed P-RGE step, `prge.run.dist`)."""
+def one_step(s: Setup, batch, step: int, optimizer) -> tuple[float, float]:
+    """(mean loss, mean |g|) of one training step of the configured method."""
     c = s.cfg
     lr = lr_at(c.lr, c.lr_schedule, step, c.steps)
     if c.method == "prge":
         r = prge_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, mode=c.mode,
-                      noise=c.noise, normalize=c.normalize, share=share)
+                      noise=c.noise, normalize=c.normalize, share=s.share)
     elif c.method == "mezo":
         r = mezo_step(s.model, s.params, s.loss_fn, batch, step, seed=c.seed, q=c.q, eps=c.eps, lr=lr, noise=c.noise,
                       normalize=c.normalize)
@@ -274,9 +274,8 @@ def resolve_resume(path: str) -> tuple[Path, Path | None]:
 class EagerStepper:
     """`prge.run.loop.Stepper` over the model in PyTorch: prge, mezo or fo steps on `Setup`."""
 
-    def __init__(self, s: Setup, share=None):
+    def __init__(self, s: Setup):
         self.s = s
-        self.share = share  # this process's queries in a distributed run (`prge.run.dist`), else None
         self.optimizer = make_optimizer(s)
 
     def start(self) -> tuple[dict, dict]:
@@ -290,7 +289,7 @@ class EagerStepper:
     def step(self, step: int) -> tuple[float, float]:
         s, c = self.s, self.s.cfg
         batch = collate([s.train[i] for i in step_indices(len(s.train), c.batch_size, c.seed, step)], s.pad_id).to(c.device)
-        return one_step(s, batch, step, self.optimizer, self.share)
+        return one_step(s, batch, step, self.optimizer)
 
     def evaluate(self, step: int) -> dict:
         return self.s.evaluate(self.s.dev)
