@@ -351,6 +351,20 @@ def test_eps_below_what_a_quantised_program_resolves_is_refused(prog, tmp_path):
     device_train(path, prog["data"], tmp_path / "ok", steps=1, lr=LR, eps=1e-2, eval_every=0, progress=False)
 
 
+def test_export_quantize_option_defaults_to_an_fp32_base(capsys):
+    from prge.cli import parser
+
+    p = parser()
+    assert p.parse_args(["export", "--out", "x.pte"]).quantize == "none"
+    assert p.parse_args(["export", "--out", "x.pte", "--quantize", "8da4w"]).quantize == "8da4w"
+    with pytest.raises(SystemExit):
+        p.parse_args(["export", "--out", "x.pte", "--quantize", "int3"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("(default: none)") == 1 and "none: a float32 base" in text
+
+
 def test_corrupt_checkpoint_is_refused(prog, tmp_path, device_run):
     out = tmp_path / "run"
     shutil.copytree(device_run[0], out)
