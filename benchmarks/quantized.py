@@ -128,10 +128,10 @@ def cmd_eps(a) -> None:
     summarise_eps(a, losses, q, "program")
 
 
-def summarise_eps(a, losses: dict, q: int, numerics: str) -> None:
+def summarise_eps(a, losses: dict, q: int, numerics: str, eps_values=None) -> None:
     import torch
 
-    for eps in a.eps:
+    for eps in eps_values or a.eps:
         ref = torch.stack([losses["none", eps, k] for k in range(1, a.batches + 1)])
         d_ref = ref[:, :q] - ref[:, q:]
         for quant in a.quantize:
@@ -183,8 +183,7 @@ def cmd_eps_eager(a) -> None:
                 with torch.no_grad():
                     losses[quant, eps, k] = perturbed_losses(
                         model, params, zs, lambda b, c, m=model: copy_losses(m, b, c, s.label_ids, "class"), batch, eps).double()
-        print(f"eps {eps} done", flush=True)
-    summarise_eps(a, losses, q, "eager-torchao")
+        summarise_eps(a, losses, q, "eager-torchao", [eps])  # rows as each eps finishes
 
 
 def cmd_train(a) -> None:
