@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--program", help="measure this exported program (its X.data.safetensors beside it) instead of exporting")
+    p.add_argument("--name", help="the model name recorded for --program (default: the manifest's)")
     p.add_argument("--quantize", nargs="+", default=["none"], help="none, 8da4w, 8da8w")
     p.add_argument("--loops", nargs="+", default=["native", "python"])
     p.add_argument("--cache", nargs="+", default=["off", "on"])
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                     run = run_native if loop == "native" else run_python
                     res = run(pte, a.steps, eps, cache == "on", a.threads, Path(tmp))
                 manifest = json.loads(Path(str(pte) + ".json").read_text())
-                model = manifest["model"] if a.program else a.model
+                model = (a.name or manifest["model"]) if a.program else a.model
                 row = {"model": model, "quantize": quantize or "fp32", "weight_cache": cache == "on", "loop": loop,
                        **res, **sizes, "target_mb": 1.25 * (sizes["weights_mb"] + sizes["arena_mb"]),
                        "steps": a.steps, "threads": a.threads, **{k: manifest[k] for k in ("q", "batch_size", "max_length")},
