@@ -151,7 +151,9 @@ def check_types(cfg: "TrainConfig") -> None:
         else:
             ok, want = isinstance(v, str), "a string"
         if ok and "choices" in f.metadata and v not in f.metadata["choices"]:
-            raise PrgeError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {v!r}", f"fix {_flag(f.name)}")
+            what = f.name.replace("_", " ")  # "unknown lr schedule 'exp'", as the schedule module says it
+            raise PrgeError(f"unknown {what} {v!r}: {f.name} must be one of {', '.join(f.metadata['choices'])}",
+                            f"fix {_flag(f.name)}")
         if not ok:
             raise PrgeError(f"{f.name} must be {want}, got {v!r}"[:300], f"fix {_flag(f.name)} (see `prge train --help`)")
 
