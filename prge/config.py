@@ -81,17 +81,6 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         check_types(self)
-        for name, low, strict in DOMAINS:
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, float) and not math.isfinite(v) or (v <= low if strict else v < low):
-                bound = f"> {low}" if strict else f">= {low}"
-                raise PrgeError(f"{_flag(name)} must be a finite number {bound}, got {v}", f"pass {_flag(name)} with a value {bound}")
-        if self.seed >= 2**63:
-            raise PrgeError(f"--seed must be below 2^63, got {self.seed}", "pass a smaller seed")
-        if self.layers is not None and any(i < 0 for i in self.layers):
-            raise PrgeError(f"--layers takes decoder layer indices >= 0, got {self.layers}", "pass e.g. --layers 0 1")
         if self.q < 1:
             raise PrgeError(f"q (queries per step) must be >= 1, got {self.q}", "pass --q 1 or more")
         if not self.eps > 0:
@@ -116,6 +105,17 @@ class TrainConfig:
         if self.tune == "full" and self.method == "prge":
             raise PrgeError("P-RGE perturbs copies of the LoRA B matrices; it does not do full-parameter training",
                             "use --method mezo --tune full, or --tune lora-fa")
+        for name, low, strict in DOMAINS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, float) and not math.isfinite(v) or (v <= low if strict else v < low):
+                bound = f"> {low}" if strict else f">= {low}"
+                raise PrgeError(f"{_flag(name)} must be a finite number {bound}, got {v}", f"pass {_flag(name)} with a value {bound}")
+        if self.seed >= 2**63:
+            raise PrgeError(f"--seed must be below 2^63, got {self.seed}", "pass a smaller seed")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise PrgeError(f"--layers takes decoder layer indices >= 0, got {self.layers}", "pass e.g. --layers 0 1")
         return self
 
 

@@ -93,7 +93,6 @@ def load_manifest(program_path: str | os.PathLike) -> dict:
     if "manifest_sha256" in manifest and seal(manifest)["manifest_sha256"] != manifest["manifest_sha256"]:
         raise PrgeError(f"{path} is damaged: its fields do not match the manifest_sha256 recorded at export",
                         "export the program again (or restore the manifest from a copy)")
-    check_manifest_fields(manifest, path)
     return manifest
 
 

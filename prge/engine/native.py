@@ -44,7 +44,7 @@ import torch
 import prge
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import (check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, verify_program,
+from prge.engine.formats import (check_manifest_fields, manifest_path, check_data_shapes, check_manifest, load_manifest, lora_a_path, read_dataset, verify_program,
                                   write_adapter)
 from prge.errors import PrgeError
 from prge.run.lock import run_lock
@@ -260,6 +260,7 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
+    check_manifest_fields(manifest, manifest_path(program_path))
     tensors, meta = read_dataset(data_path)
     check_manifest(manifest, meta)
     check_data_shapes(tensors, manifest, data_path)

@@ -41,8 +41,9 @@ import prge
 from prge.zo import estimator as est
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_eps, check_manifest, identity_sha256,
-                                  load_manifest, lora_a_path, manifest_path, read_dataset, verify_program, write_adapter)
+from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_eps, check_manifest, check_manifest_fields,
+                                  identity_sha256, load_manifest, lora_a_path, manifest_path, read_dataset, verify_program,
+                                  write_adapter)
 from prge.errors import PrgeError
 from prge.log import say
 from prge.run import loop
@@ -300,6 +301,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     check_schedule(lr_schedule)
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
+    check_manifest_fields(manifest, manifest_path(program_path))
     missing = [m for m in METHODS if m not in manifest.get("methods", {})]
     if missing:
         raise PrgeError(f"{program_path} lacks the methods {missing} that training needs", "export it with `prge export`")
