@@ -470,20 +470,31 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
     cands["act_pca"] = match_norm(pca, ref)
 
     if not args.skip_generic:
-        COUNT.update(forward_rows=0, backward_rows=0)
-        t = time.time()
-        ids, what = generic_text(s.tokenizer, args.generic_n, args.generic_len)
-        grads = lm_gradients_generic(s, ids)
-        cost = f"{COUNT['forward_rows']} passages × {args.generic_len} tokens forward+backward, {time.time() - t:.0f} s"
-        base = {"cost": cost, "forward_rows": COUNT["forward_rows"], "backward_rows": COUNT["backward_rows"],
-                "where": "server (one backward, shipped with the program)", "generic_text": what}
-        cands["generic_grad_svd"] = match_norm(svd_a(grads, rank), ref)
-        info["generic_grad_svd"] = {**base, "note": f"top-{rank} right singular vectors of each module's dW of the LM loss over {what}"}
-        cands["generic_grad_gev"] = match_norm(gev_a(grads, MOMENTS["list"], rank), ref)
-        info["generic_grad_gev"] = {**base, "note": f"top-{rank} generalised eigenvectors of (dWᵀdW, E[x xᵀ] + 0.1·I·mean) of the LM loss over {what}: gradient energy per unit of activation energy"}
-        cands["generic_channel_mask"] = match_norm(channel_a(grads, rank), ref)
-        info["generic_channel_mask"] = {**base, "note": f"one-hot rows: the {rank} input channels with the largest Σ_o dW² over the same text"}
-        del grads
+        gfile = CACHE / f"generic-{args.model}-{args.generic_n}x{args.generic_len}-r{rank}.pt"
+        if gfile.is_file():  # the generic-text A's do not depend on the task: computed once per model
+            g = torch.load(gfile)
+            cands.update(g["cands"])
+            info.update(g["info"])
+        else:
+            COUNT.update(forward_rows=0, backward_rows=0)
+            t = time.time()
+            ids, what = generic_text(s.tokenizer, args.generic_n, args.generic_len)
+            grads = lm_gradients_generic(s, ids)
+            cost = f"{COUNT['forward_rows']} passages × {args.generic_len} tokens forward+backward, {time.time() - t:.0f} s"
+            base = {"cost": cost, "forward_rows": COUNT["forward_rows"], "backward_rows": COUNT["backward_rows"],
+                    "where": "server (one backward, shipped with the program)", "generic_text": what}
+            g = {"cands": {}, "info": {}}
+            g["cands"]["generic_grad_svd"] = match_norm(svd_a(grads, rank), ref)
+            g["info"]["generic_grad_svd"] = {**base, "note": f"top-{rank} right singular vectors of each module's dW of the LM loss over {what}"}
+            g["cands"]["generic_grad_gev"] = match_norm(gev_a(grads, MOMENTS["list"], rank), ref)
+            g["info"]["generic_grad_gev"] = {**base, "note": f"top-{rank} generalised eigenvectors of (dWᵀdW, E[x xᵀ] + 0.1·I·mean) of the LM loss over {what}: gradient energy per unit of activation energy"}
+            g["cands"]["generic_channel_mask"] = match_norm(channel_a(grads, rank), ref)
+            g["info"]["generic_channel_mask"] = {**base, "note": f"one-hot rows: the {rank} input channels with the largest Σ_o dW² over the same text"}
+            del grads
+            gfile.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(g, gfile)
+            cands.update(g["cands"])
+            info.update(g["info"])
     if args.oracle:
         COUNT.update(forward_rows=0, backward_rows=0)
         t = time.time()

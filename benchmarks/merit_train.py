@@ -39,7 +39,12 @@ from prge.zo import prge_step  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "merit_curves.jsonl"
 
 
-def candidate(s, name: str, fit_rows, rank: int) -> list[torch.Tensor]:
+def candidate(s, name: str, fit_rows, rank: int, saved: str | None = None) -> list[torch.Tensor]:
+    """The candidate's A: from merit.py's saved candidates.pt when given and present, else computed."""
+    if saved and Path(saved).is_file():
+        cands = torch.load(saved)
+        if name in cands:
+            return cands[name]
     ref = random_a(s.model, rank, 0)
     if name.startswith("random_seed"):
         return random_a(s.model, rank, int(name[len("random_seed"):]))
@@ -62,6 +67,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--n-dev", type=int, default=500)
     p.add_argument("--fit", default="768:896", help="training rows (slice) the data-dependent A is fitted on, as merit.py's")
+    p.add_argument("--saved", help="merit.py's runs/merit/<tag>/candidates.pt (the A's it scored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(OUT))
@@ -72,7 +78,7 @@ def main() -> None:
     s = prepare(cfg)
     lo, hi = (int(x) for x in args.fit.split(":"))
     t = time.time()
-    a = candidate(s, args.cand, s.train[lo:hi], cfg.rank)
+    a = candidate(s, args.cand, s.train[lo:hi], cfg.rank, args.saved)
     with torch.no_grad():
         for m, ai in zip(lora_layers(s.model).values(), a):
             m.lora_A.copy_(ai)
