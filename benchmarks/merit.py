@@ -120,7 +120,7 @@ def activation_pca(s, rows, rank: int, bs: int = 16) -> list[torch.Tensor]:
             h.remove()
     out = []
     for c in moments:
-        _, vecs = torch.linalg.eigh(c)
+        _, vecs = torch.linalg.eigh(c.float())
         out.append(vecs[:, -rank:].flip(1).T.float().contiguous())
     return out
 
@@ -205,7 +205,7 @@ def svd_a(grads: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
     """A_l = top-r right singular vectors of G_l (the input directions carrying most gradient)."""
     out = []
     for g in grads:
-        _, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+        _, _, vh = torch.linalg.svd(g, full_matrices=False)
         out.append(vh[:rank].float().contiguous())
     return out
 
@@ -216,11 +216,11 @@ def gev_a(grads: list[torch.Tensor], moments: list[torch.Tensor], rank: int, lam
     Kronecker-factored curvature), rows normalised."""
     out = []
     for g, c in zip(grads, moments):
-        c = c / c.trace() * c.shape[0]
+        c = c.float() / c.trace().float() * c.shape[0]
         c = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
         ev, vec = torch.linalg.eigh(c)
         w = vec / ev.sqrt()  # c^(-1/2) in the eigenbasis
-        gg = g.double().T @ g.double()
+        gg = g.T @ g
         m = w.T @ gg @ w
         _, u = torch.linalg.eigh(m)
         a = (w @ u[:, -rank:].flip(1)).T
@@ -468,6 +468,7 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
                        "forward_rows": COUNT["forward_rows"], "backward_rows": 0, "where": "device (forward only)",
                        "note": f"top-{rank} eigenvectors of E[x xᵀ] of each module's input over {len(fit_rows)} training rows (disjoint from the scored rows), scaled to the random A's Frobenius norm"}
     cands["act_pca"] = match_norm(pca, ref)
+    print(f"act_pca: {info['act_pca']['cost']}", flush=True)
 
     if not args.skip_generic:
         gfile = CACHE / f"generic-{args.model}-{args.generic_n}x{args.generic_len}-r{rank}.pt"
@@ -495,6 +496,7 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
             torch.save(g, gfile)
             cands.update(g["cands"])
             info.update(g["info"])
+        print(f"generic-text A's: {info['generic_grad_svd']['cost']}", flush=True)
     if args.oracle:
         COUNT.update(forward_rows=0, backward_rows=0)
         t = time.time()
