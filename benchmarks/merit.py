@@ -328,6 +328,8 @@ def accumulate(s, rows, a_cands: list[list[torch.Tensor]], rank: int, bs: int = 
                 COUNT["backward_rows"] += 2 * len(chunk)
             st.n[h] += len(chunk)
             xs.clear()
+            if bi % 4 == 3:
+                print(f"  statistics: {sum(st.n)} of {len(rows)} rows", flush=True)
     finally:
         for hk in hs:
             hk.remove()
@@ -458,8 +460,14 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
     for seed in range(args.random_seeds):
         cands[f"random_seed{seed}"] = random_a(s.model, rank, seed)
         info[f"random_seed{seed}"] = {"cost": "none", "where": "anywhere", "note": "Kaiming-uniform, as prge.lora.add_lora draws it"}
-    cache = CACHE / f"{args.task}-{args.tag}"
+    cache = CACHE / args.tag
     cache.mkdir(parents=True, exist_ok=True)
+    if args.load_candidates:  # the A's of an earlier run of the same setting (same fit rows)
+        saved = torch.load(args.load_candidates)
+        cands.update(saved)
+        for k in saved:
+            info[k] = {"note": "loaded from " + args.load_candidates}
+        return cands, info
 
     COUNT.update(forward_rows=0, backward_rows=0)
     t = time.time()
@@ -537,6 +545,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--load-candidates", help="a candidates.pt an earlier run saved (skips building them)")
     args = p.parse_args()
     args.tag = args.tag or (args.task + ("-earlier" if args.template else ""))
     torch.set_num_threads(args.threads)
@@ -603,6 +612,16 @@ def main() -> None:
         r["lr_star"] = args.q * r["g2"] / (r["gb2"] * r["trH"])
         r["lr_rel"] = r["lr_star"] / ref["lr_star"]
 
+    common = {"task": s.data_name, "tag": args.tag, "template": cfg.template, "model": args.model, "n": len(rows), "n_fit": len(fit_rows),
+              "rank": args.rank, "alpha": cfg.alpha, "b": args.b, "q": args.q, "loss": s.loss_kind,
+              "curvature": "Gauss-Newton (exact 2-label class loss)" if s.loss_kind == "class" else "Fisher with sampled labels (1 sample per answer token)",
+              "statistics_cost": stat_cost, "threads": args.threads, "machine": f"{platform.machine()} {platform.node()}",
+              "cpu_count": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60}
+    print_table(s, args, rows, results)
+    if not args.no_write:
+        for r in results:
+            append_jsonl(RESULTS, {**common, **r})
+
     check = None
     if args.check:
         check = {}
@@ -624,22 +643,18 @@ def main() -> None:
                   f"[{check[name]['seconds']:.0f} s]", flush=True)
         set_a(s, cands["random_seed0"])
 
+    if check and not args.no_write:
+        append_jsonl(RESULTS, {**common, "candidate": "check", "check": check})
+
+
+def print_table(s, args, rows, results) -> None:
     print(f"\n{s.data_name} ({args.tag}): {len(rows)} rows, b = {args.b}, q = {args.q}; speed-up = merit_b / merit_b(random A seed 0)\n")
     print("| candidate | |g|² | E|g_b|² | tr(H) | speed-up (halves) | full-batch ratio | lr* rel. |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         hs = ", ".join(f"{x:.2f}" for x in r["speedup_halves"])
         print(f"| {r['candidate']} | {r['g2']:.4g} | {r['gb2']:.4g} | {r['trH']:.4g} | {r['speedup']:.2f} ({hs}) | "
-              f"{r['speedup_fullbatch']:.2f} | {r['lr_rel']:.3g} |")
-    if args.no_write:
-        return
-    common = {"task": s.data_name, "tag": args.tag, "template": cfg.template, "model": args.model, "n": len(rows), "n_fit": len(fit_rows),
-              "rank": args.rank, "alpha": cfg.alpha, "b": args.b, "q": args.q, "loss": s.loss_kind,
-              "curvature": "Gauss-Newton (exact 2-label class loss)" if s.loss_kind == "class" else "Fisher with sampled labels (1 sample per answer token)",
-              "statistics_cost": stat_cost, "check": check, "threads": args.threads, "machine": f"{platform.machine()} {platform.node()}",
-              "cpu_count": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60}
-    for r in results:
-        append_jsonl(RESULTS, {**common, **r})
+              f"{r['speedup_fullbatch']:.2f} | {r['lr_rel']:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
