@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--n-dev", type=int, default=500)
     p.add_argument("--fit", default="768:896", help="training rows (slice) the data-dependent A is fitted on, as merit.py's")
+    p.add_argument("--targets", nargs="+", help="projections to wrap (default: all 7); a candidate A is then only for those")
     p.add_argument("--saved", help="merit.py's runs/merit/<tag>/candidates.pt (the A's it scored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -74,7 +75,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(task=args.task, template=args.template.replace("\\n", "\n") if args.template else None, method="prge",
-                      seed=args.seed, lr=args.lr, steps=args.steps, n_dev=args.n_dev, threads=args.threads, progress=False)
+                      seed=args.seed, lr=args.lr, steps=args.steps, n_dev=args.n_dev, threads=args.threads, progress=False,
+                      targets=args.targets)
     s = prepare(cfg)
     lo, hi = (int(x) for x in args.fit.split(":"))
     t = time.time()
@@ -83,7 +85,7 @@ def main() -> None:
         for m, ai in zip(lora_layers(s.model).values(), a):
             m.lora_A.copy_(ai)
     prep_s = time.time() - t
-    tag = {"task": s.data_name, "template": cfg.template, "cand": args.cand, "lr": args.lr, "seed": args.seed, "steps": args.steps,
+    tag = {"task": s.data_name, "template": cfg.template, "cand": args.cand, "targets": args.targets, "lr": args.lr, "seed": args.seed, "steps": args.steps,
            "q": cfg.q, "b": cfg.batch_size, "eps": cfg.eps, "n_dev": len(s.dev), "threads": args.threads,
            "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
