@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import re
 import sys
 import time
 from collections import defaultdict

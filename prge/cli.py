@@ -274,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--noise", default="counter", choices=["counter", "host", "engine"],
                    help="counter: hash noise keyed by (seed, step), identical to eager training, reproducible; "
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
-                        "unseeded randn (NOT reproducible, cannot resume exactly)")
+                        "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
     x.add_argument("--quantize", default="none", choices=["none", "8da4w", "8da8w"],
                    help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights; "
                         "LoRA B stays float32; use --eps 1e-2 or larger with them), or none: a float32 base (default: none)")

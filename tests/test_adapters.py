@@ -196,7 +196,8 @@ def test_atomic_dir_replaces_whole_folder_and_recovers_from_half_swap(tmp_path):
     (target / "stale.txt").write_text("x")
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("1")
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    # the stale file is gone; SHA256SUMS is the hash list every atomic folder now carries (issue 23)
+    assert sorted(p.name for p in target.iterdir()) == ["SHA256SUMS", "a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     os.replace(target, tmp_path / "out.old")  # a crash between the two renames
     assert resolve_dir(target) == tmp_path / "out.old"

@@ -100,7 +100,6 @@ def test_phi3_targets_its_fused_projections():
 
 
 def test_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
-    from prge.testing import tiny_tokenizer
 
     model, tok = tiny_model("llama")
     model.config.model_type = "mistral"  # any family the exporter has not been checked on

@@ -5,7 +5,6 @@ benchmarks/fuzz_campaign.py runs the long campaign."""
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 
 from hostile import cases, drive
