@@ -55,8 +55,8 @@ if str(ROOT) not in sys.path:
 from prge.data.batch import collate  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
-from prge.zo.step.lora import lora_layers  # noqa: E402
-from prge.zo.step.loss import cross_entropy, head, hidden_at  # noqa: E402
+from prge.zo.lora import lora_layers  # noqa: E402
+from prge.zo.loss import cross_entropy, head, hidden_at  # noqa: E402
 from prge.run.train import prepare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "merit.jsonl"
@@ -69,7 +69,7 @@ COUNT = {"forward_rows": 0, "backward_rows": 0}  # what each candidate's constru
 
 
 def random_a(model, rank: int, seed: int) -> list[torch.Tensor]:
-    """The A that `prge.zo.step.lora.add_lora(..., seed=seed)` draws (Kaiming-uniform, module order)."""
+    """The A that `prge.zo.lora.add_lora(..., seed=seed)` draws (Kaiming-uniform, module order)."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     out = []
@@ -458,7 +458,7 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
     cands, info = {}, {}
     for seed in range(args.random_seeds):
         cands[f"random_seed{seed}"] = random_a(s.model, rank, seed)
-        info[f"random_seed{seed}"] = {"cost": "none", "where": "anywhere", "note": "Kaiming-uniform, as prge.zo.step.lora.add_lora draws it"}
+        info[f"random_seed{seed}"] = {"cost": "none", "where": "anywhere", "note": "Kaiming-uniform, as prge.zo.lora.add_lora draws it"}
     cache = CACHE / args.tag
     cache.mkdir(parents=True, exist_ok=True)
     if args.load_candidates:  # the A's of an earlier run of the same setting (same fit rows)

@@ -5,7 +5,7 @@
 
 Builds the model exactly as `prge train` does (prepare: LoRA-FA r 16 / alpha 32 on the 7
 projections, A drawn with --seed), then overwrites every layer's A with the candidate's A
-(computed as benchmarks/merit.py computes it, from the same fit rows), and drives `prge.zo.step.step.prge_step`
+(computed as benchmarks/merit.py computes it, from the same fit rows), and drives `prge.zo.step.prge_step`
 with prge's own batching (`step_indices`, `collate`) and evaluation: the same seed, data order,
 noise and step arithmetic as `prge train`, only A differs. `--precondition` multiplies z by
 sqrt(D) (a per-element diagonal preconditioner read from a file; the update is then lr·D·ĝ).
@@ -32,9 +32,9 @@ from benchmarks.merit import (activation_pca, channel_a, generic_text, lm_gradie
 from prge.data.batch import collate, step_indices  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
-from prge.zo.step.lora import lora_layers  # noqa: E402
+from prge.zo.lora import lora_layers  # noqa: E402
 from prge.run.train import prepare  # noqa: E402
-from prge.zo.step.step import prge_step  # noqa: E402
+from prge.zo.step import prge_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "merit_curves.jsonl"
 
