@@ -336,7 +336,10 @@ def test_eps_below_what_a_quantised_program_resolves_is_refused(prog, tmp_path):
 
     path = copy_program(prog, tmp_path)
     mpath = Path(str(path) + ".json")
-    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "quantization": "8da4w"}))
+    from prge.engine.formats import seal
+
+    # a manifest is sealed (issue 23): the edited one must be sealed again to reach the eps check
+    mpath.write_text(json.dumps(seal({**json.loads(mpath.read_text()), "quantization": "8da4w"})))
     with pytest.raises(PrgeError, match="eps=0.001 is below.*8da4w.*--eps 0.01"):
         device_train(path, prog["data"], tmp_path / "run", steps=1, lr=LR, eps=1e-3, progress=False)
     for native in ([], ["--native"]):
