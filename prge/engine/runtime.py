@@ -295,9 +295,6 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     """
     check_loop_settings(steps=steps, lr=lr, eps=eps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
                         normalize=normalize, lr_schedule=lr_schedule)
-    if steps < 0 or not eps > 0 or eval_every < 0 or checkpoint_every < 0:
-        raise PrgeError(f"bad loop settings steps={steps}, eps={eps}, eval_every={eval_every}, checkpoint_every={checkpoint_every}",
-                        "pass --steps >= 0, --eps > 0, --eval-every >= 0, --checkpoint-every >= 0")
     check_schedule(lr_schedule)
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
