@@ -3,6 +3,7 @@
 
     python benchmarks/merit.py --task sst2 --template 'Review: {sentence}\\nSentiment:' --n 256 --threads 1
     python benchmarks/merit.py --task rte --n 128 --threads 1
+    python benchmarks/merit.py --train-file benchmarks/data/skills/copa4.train.jsonl --label-words A B C D --n 128 --n-fit 64
     python benchmarks/merit.py --task sst2 --template '...' --check 64   # Hutchinson (HVP and finite differences) against the GGN
 
 The perturbed space of LoRA-FA is B (out × r) per wrapped module; with A frozen, a perturbation
@@ -301,10 +302,18 @@ def accumulate(s, rows, a_cands: list[list[torch.Tensor]], rank: int, bs: int = 
             cur["half"] = h
             hid = hidden_at(s.model, b.input_ids, b.target_pos)
             COUNT["forward_rows"] += len(chunk)
-            if s.loss_kind == "class":
+            if s.loss_kind == "class" and len(s.label_ids) > 2:  # L labels: per-row gradient, then the Fisher by a sampled label
                 logits = head(s.model, hid[:, 0], s.label_ids)  # (N, L)
-                if logits.shape[1] != 2:
-                    raise SystemExit("merit.py handles 2-label classification or LM losses")
+                ce = cross_entropy(logits, b.label)
+                st.loss[h] += float(ce.detach().sum())
+                cur["pass"] = "g"
+                ce.sum().backward(retain_graph=True)
+                y_hat = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+                cur["pass"] = "f"
+                cross_entropy(logits, y_hat).sum().backward()
+                COUNT["backward_rows"] += 2 * len(chunk)
+            elif s.loss_kind == "class":
+                logits = head(s.model, hid[:, 0], s.label_ids)  # (N, L)
                 dd = logits[:, 1] - logits[:, 0]
                 p1 = torch.sigmoid(dd.detach())
                 y = b.label.float()
@@ -525,6 +534,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="sst2")
+    p.add_argument("--train-file", help="text/label rows instead of --task (e.g. benchmarks/data/skills/copa4.train.jsonl)")
+    p.add_argument("--label-words", nargs="+", help="the label words of --train-file's classes (e.g. A B C D)")
     p.add_argument("--template", help="prompt template (\\n = newline), e.g. the earlier SST-2 prompt")
     p.add_argument("--tag", default=None, help="name of this setting in the results (default: task, +earlier for the SST-2 earlier prompt)")
     p.add_argument("--n", type=int, default=256, help="training rows the figures are computed over")
@@ -546,10 +557,10 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--load-candidates", help="a candidates.pt an earlier run saved (skips building them)")
     args = p.parse_args()
-    args.tag = args.tag or (args.task + ("-earlier" if args.template else ""))
+    args.tag = args.tag or (Path(args.train_file).name.split(".")[0] if args.train_file else args.task + ("-earlier" if args.template else ""))
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    cfg = TrainConfig(model=args.model, task=args.task, method="prge", seed=args.seed, threads=args.threads,
+    cfg = TrainConfig(model=args.model, task=args.task, train_file=args.train_file, label_words=args.label_words, method="prge", seed=args.seed, threads=args.threads,
                       template=args.template.replace("\\n", "\n") if args.template else None, progress=False)
     s = prepare(cfg)
     if len(s.train) < args.n + args.n_fit:
@@ -613,7 +624,7 @@ def main() -> None:
 
     common = {"task": s.data_name, "tag": args.tag, "template": cfg.template, "model": args.model, "n": len(rows), "n_fit": len(fit_rows),
               "rank": args.rank, "alpha": cfg.alpha, "b": args.b, "q": args.q, "loss": s.loss_kind,
-              "curvature": "Gauss-Newton (exact 2-label class loss)" if s.loss_kind == "class" else "Fisher with sampled labels (1 sample per answer token)",
+              "curvature": "Gauss-Newton (exact 2-label class loss)" if s.loss_kind == "class" and len(s.label_ids) == 2 else "Fisher with sampled labels (1 sample per answer token)",
               "statistics_cost": stat_cost, "threads": args.threads, "machine": f"{platform.machine()} {platform.node()}",
               "cpu_count": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t0) / 60}
     print_table(s, args, rows, results)

@@ -53,7 +53,15 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
             kw["type"] = int
         elif "float" in tp:
             kw["type"] = float
+        if f.name == "template":
+            kw["type"] = unescape
         p.add_argument(_flag(f.name), **kw)
+
+
+def unescape(text: str) -> str:
+    """A template typed in a shell: the two characters \\n are a newline and \\t a tab (as in the help's
+    examples), since a shell's quotes keep them literal; a YAML config's "\\n" is already a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _shown(default) -> str:

@@ -35,7 +35,7 @@ class TrainConfig:
     data_root: str | None = opt(None, "folder holding the task data (default: $PRGE_DATA, else ../shared/data)")
     train_file: str | None = opt(None, "your own training data: .jsonl or .csv with prompt/completion, messages, or text/label rows")
     eval_file: str | None = opt(None, "your own evaluation data (default: a seeded 10%% of --train-file)")
-    template: str | None = opt(None, "prompt template: for text/label rows {text} is the row's text (default \"{text}\"); for a built-in classification task it replaces the task's template and names its fields, e.g. \"Review: {sentence}\\nSentiment:\" for sst2 (see `prge tasks`)")
+    template: str | None = opt(None, "prompt template: for text/label rows {text} is the row's text (default \"{text}\"); for a built-in classification task it replaces the task's template and names its fields, e.g. \"Review: {sentence}\\nSentiment:\" for sst2; on the command line \\n is a newline and \\t a tab (see `prge tasks`)")
     label_words: list[str] | None = opt(None, "label words in label order, or name=word pairs (a leading space is added): for text/label rows (a row's label is its word, e.g. A or positive, its index, or its name), or to replace a built-in task's words")
     # method
     method: str = opt("prge", "prge: parallel queries in one batched forward; mezo: sequential queries; fo: backprop", ["prge", "mezo", "fo"])

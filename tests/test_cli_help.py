@@ -40,3 +40,12 @@ def test_train_options_state_their_defaults():
     page = " ".join(subcommands()["train"].format_help().split())
     for text in ("(default: 4)", "(default: 300)", "(default: prge)", "(default: on)", "(default: lora-fa)"):
         assert text in page
+
+
+def test_a_template_typed_in_a_shell_gets_its_newlines():
+    """`--template "Review: {sentence}\\nSentiment:"` in bash passes a backslash and an n; the help's own
+    example must mean a newline, as it does in a YAML config."""
+    from prge.cli import build_config
+
+    args = parser().parse_args(["train", "--task", "sst2", "--template", "Review: {sentence}\\nSentiment:\\t"])
+    assert build_config(args).template == "Review: {sentence}\nSentiment:\t"

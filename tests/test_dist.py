@@ -169,3 +169,16 @@ def test_share_orders_the_gathered_losses_by_global_query(monkeypatch):
     monkeypatch.setattr(dist.dist, "all_gather", all_gather)
     got = dist.Share(0, 2, 4).gather(sent[0])
     assert got.tolist() == [1.0, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0]
+
+
+def test_ranks_whose_weights_drift_apart_stop_naming_the_step(tiny, tmp_path):
+    """Rank 1's B is nudged by 1e-6 after step 3; the guard (every 2 steps) stops the run at step 4
+    with one error line, before anything of step 4 is written; rank 0's checkpoint (step 3, written at the
+    evaluation) is left to resume from."""
+    out = tmp_path / "drift"
+    r = standalone(2, flags(model=tiny, out=out, check_every=2), PRGE_DRIFT_AT="1:3")
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "rank 1 differ from rank 0's after step 4" in lines[0]
+    assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["step"] == 3  # rank 0's, nothing after

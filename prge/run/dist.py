@@ -198,6 +198,16 @@ def _kill_hook(share: Share, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _drift_hook(share: Share, params: list[torch.Tensor], step: int) -> None:
+    """PRGE_DRIFT_AT="RANK:STEP" nudges that rank's first trained tensor after that step (the drift test)."""
+    spec = os.environ.get("PRGE_DRIFT_AT")
+    if spec:
+        rank, at = map(int, spec.split(":"))
+        if rank == share.rank and at == step:
+            with torch.no_grad():
+                params[0].view(-1)[0] += 1e-6
+
+
 @dataclass
 class DistStepper:
     """`prge.run.loop.Stepper` for one rank: the eager step on this rank's queries; rank 0 evaluates and saves."""
@@ -221,6 +231,7 @@ class DistStepper:
         except PrgeError as e:  # a non-finite loss: every rank has the same losses, rank 0 says it
             raise quiet_off_rank0(self.share, e)
         _kill_hook(self.share, step)
+        _drift_hook(self.share, self.inner.s.params, step)
         if self.check_every and step % self.check_every == 0:
             check_in_step(self.share, self.inner.s.params, step)
         return out
