@@ -93,7 +93,7 @@ def resume_values(values: dict) -> dict:
     from prge.run.train import resolve_resume
 
     run_dir, _ = resolve_resume(values["resume"])
-    saved = load_yaml(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else {}
+    saved = load_yaml(str(run_dir / "config.yaml"), sealed=True) if (run_dir / "config.yaml").is_file() else {}
     saved.update(values)
     return saved
 

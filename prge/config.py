@@ -8,6 +8,7 @@ config is written beside every run as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,14 +163,19 @@ def fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, sealed: bool = False) -> dict:
+    """Options from a YAML file. `sealed`: a run folder's config.yaml, whose SHA-256 line (when present)
+    must match; a --config file may be a copied and edited one, so its line is only a comment."""
     p = Path(path)
     if not p.is_file():
         raise PrgeError(f"config file {path} not found", "pass an existing YAML file to --config")
     from prge.io import text_lines
 
+    text = "".join(text_lines(p))
+    if sealed:
+        check_seal(text, path)
     try:
-        data = yaml.safe_load("".join(text_lines(p))) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise PrgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
     if not isinstance(data, dict):
@@ -198,5 +204,22 @@ def coerce(values: dict, where: str = "config") -> dict:
     return out
 
 
+SEAL = "# sha256 of the lines above: "
+
+
 def to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The run folder's config.yaml; its last line is the SHA-256 of the lines above it, so a damaged
+    file is refused on --resume instead of silently training with another value."""
+    body = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return f"{body}{SEAL}{hashlib.sha256(body.encode()).hexdigest()}\n"
+
+
+def check_seal(text: str, path: str) -> None:
+    """A config written by prge (with its SHA-256 line) must still match it; hand-written ones have no line."""
+    head, sep, tail = text.rpartition(SEAL)
+    if not sep:
+        return
+    if tail.strip() != hashlib.sha256(head.encode()).hexdigest():
+        raise PrgeError(f"{path} is damaged or was edited: its SHA-256 differs from the one prge recorded in its last line",
+                        "restore it (or, to change an option, give it on the command line; if you edited the file on "
+                        "purpose, delete its last line)")

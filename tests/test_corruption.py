@@ -104,3 +104,22 @@ def test_checkpoint_without_hashes_still_resumes_exactly(tiny, stopped, tmp_path
     b = load_tensors(out / "checkpoints/last/adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["step"] == 4
+
+
+def test_a_changed_config_yaml_is_refused_at_resume_but_a_copy_may_be_edited(tiny, stopped, tmp_path, capsys):
+    """The run folder's config.yaml carries its SHA-256: `lr: 0.001` turned into `lr: 0.005` by a bad
+    sector would otherwise resume with another lr. The same file copied, edited and given to --config
+    is the user's own and is read."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    text = (out / "config.yaml").read_text()
+    assert "lr: 0.001\n" in text and "# sha256 of the lines above: " in text
+    (out / "config.yaml").write_text(text.replace("lr: 0.001\n", "lr: 0.005\n"))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "config.yaml is damaged or was edited" in err[0]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text.replace("lr: 0.001\n", "lr: 0.005\n"))
+    from prge.config import load_yaml
+    assert load_yaml(str(mine))["lr"] == 0.005
