@@ -1,10 +1,13 @@
-"""Kill at any moment: SIGKILL `prge train` (prge, mezo, fo) and `prge device-train` (Python loop and
---native) at random moments, resume each, and check the final adapter equals an uninterrupted run's.
+"""Kill at any moment: SIGKILL `prge train` (prge, mezo, fo, and prge on 2 torchrun ranks) and
+`prge device-train` (Python loop and --native) at random moments, resume each, and check the final
+adapter equals an uninterrupted run's.
 
 Per configuration: one uninterrupted reference run (its wall time T), then `--kills` trials. A trial
-starts the same command, SIGKILLs it either at a uniform random moment in [0, T] ("random") or the
-moment a write is under way in the run folder ("write": a `.tmp` file or folder, or a `.old` folder
-of the atomic swap, exists; half of the trials), then runs the same command with --resume (plain
+starts the same command and SIGKILLs its whole process group (torchrun's ranks too) at one of three
+kinds of moment, in turn: a uniform random moment in [0, T] ("random"); the moment a write is under
+way in the run folder ("write": a `.tmp` file or folder, or a `.old` folder of the atomic swap,
+exists, after a random number of writes were let through); or the first write after the last step
+("final": the final checkpoint and adapter). It then runs the same command with --resume (plain
 again if the kill came before the run folder existed) until it finishes, and compares every tensor
 of the final adapter(s) with the reference bit for bit. One JSON row per trial is appended to
 benchmarks/results/kill_campaign.jsonl as it finishes:
@@ -12,7 +15,7 @@ benchmarks/results/kill_campaign.jsonl as it finishes:
     {"config", "trial", "mode", "kill_after_s", "during_write", "what_was_written", "exit_signal",
      "resume_rc", "identical", "date", "machine"}
 
-    python benchmarks/kill_campaign.py --kills 10            # 5 configs x 10 kills (tiny model, ~1 h on 2 cores)
+    python benchmarks/kill_campaign.py --kills 9             # 6 configs x 9 kills (tiny model, ~1 h on 2 cores)
     python benchmarks/kill_campaign.py --configs train-prge --kills 2 --out /tmp/k.jsonl   # a quick check
 """
 
@@ -34,18 +37,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "kill_campaign.jsonl"
-CONFIGS = ("train-prge", "train-mezo", "train-fo", "device-python", "device-native")
+CONFIGS = ("train-prge", "train-mezo", "train-fo", "train-dist", "device-python", "device-native")
 TRAIN = ["--task", "sst2", "--n-train", "24", "--n-dev", "8", "--n-test", "8", "--max-length", "48", "--rank", "2",
          "--alpha", "4", "--q", "2", "--batch-size", "2", "--seed", "3"]
-LOOP = ["--steps", "12", "--eval-every", "4", "--checkpoint-every", "2"]
+STEPS = 12
+LOOP = ["--steps", str(STEPS), "--eval-every", "4", "--checkpoint-every", "2"]
 
 
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PRGE_DATA": str(DATA)}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def command(config: str, model: str, program: Path | None, out: Path) -> list[str]:
     prge = [sys.executable, "-m", "prge"]
+    if config == "train-dist":  # 2 gloo ranks under torchrun, 1 of the 2 queries each; a fresh port per start
+        prge = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge"]
+        return [*prge, "train", "--model", model, *TRAIN, *LOOP, "--method", "prge", "--lr", "0.05", "--threads", "1",
+                "--no-progress", "--out", str(out)]
     if config.startswith("train-"):
         method = config.split("-", 1)[1]
         extra = ["--lr", "1e-3", "--optimizer", "adam"] if method == "fo" else ["--lr", "0.05"]
@@ -87,17 +104,30 @@ def writing(out: Path) -> str | None:
     return None
 
 
+def last_step_done(out: Path) -> bool:
+    m = out / "metrics.jsonl"
+    return m.is_file() and f'"step": {STEPS}, "loss"' in m.read_text()
+
+
 def trial(config: str, cmd_for, reference: list[Path], seconds: float, mode: str, rng: random.Random, work: Path) -> dict:
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cmd = cmd_for(out)
-    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own session, so the kill takes the whole process group (torchrun's ranks too)
+    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0, what = time.time(), None
     if mode == "random":
         deadline = t0 + rng.uniform(0.0, seconds)
         while time.time() < deadline and p.poll() is None:
             time.sleep(0.005)
         what = writing(out)
+    elif mode == "final":  # the first write after the last step: the final checkpoint and adapter
+        while p.poll() is None:
+            w = writing(out)
+            if w is not None and last_step_done(out):
+                what = w
+                break
+            time.sleep(0.0005)
     else:  # the moment a write is seen, after a random number of writes have been let through
         skip, seen_prev = rng.randrange(0, 12), None
         while p.poll() is None:
@@ -111,8 +141,9 @@ def trial(config: str, cmd_for, reference: list[Path], seconds: float, mode: str
             time.sleep(0.0005)
     after = time.time() - t0
     if p.poll() is None:
-        p.send_signal(signal.SIGKILL)
+        os.killpg(p.pid, signal.SIGKILL)
     rc = p.wait()
+    cmd = cmd_for(out)  # (a fresh rendezvous port for torchrun)
     resume = cmd + ["--resume"] + ([str(out)] if config.startswith("train-") else []) if out.is_dir() else cmd
     r = subprocess.run(resume, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     row = {"config": config, "mode": mode, "kill_after_s": round(after, 3), "during_write": what is not None,
@@ -170,7 +201,7 @@ def main() -> int:
         seconds = time.time() - t0
         reference = adapters(config, ref)
         for i in range(a.kills):
-            mode = "write" if i % 2 else "random"
+            mode = ("random", "write", "final")[i % 3]
             row = trial(config, cmd_for, reference, seconds, mode, rng, cwork)
             row = {**row, "trial": i, "reference_s": round(seconds, 1), "date": time.strftime("%Y-%m-%d"), "machine": machine}
             with open(a.out, "a") as f:
