@@ -189,7 +189,10 @@ def test_bad_input_fails_cleanly(prog, tmp_path, case):
     elif case in ("corrupt_program", "truncated_program"):
         p = tmp_path / "bad.pte"
         shutil.copy(str(prog["path"]) + ".json", str(p) + ".json")
-        if case == "corrupt_program":
+        if case == "corrupt_program":  # (without its recorded hash: the runtime's own check)
+            m = json.loads(Path(str(prog["path"]) + ".json").read_text())
+            m.pop("program_sha256", None)
+            Path(str(p) + ".json").write_text(json.dumps(m))
             corrupt_copy(prog["path"], p, garbage=True)
             expect = "cannot load"
         else:
@@ -218,6 +221,47 @@ def test_bad_input_fails_cleanly(prog, tmp_path, case):
     err = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(err) == 1 and expect in err[0], r.stderr[-500:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def flipped_copy(src: Path, dest: Path, where: float) -> Path:
+    data = bytearray(Path(src).read_bytes())
+    data[int(len(data) * where)] ^= 0x08
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize("what", ["program", "data", "plan", "checkpoint"])
+def test_a_flipped_bit_is_refused_by_the_binary_itself(prog, tmp_path, what):
+    """The runner run alone (as on a phone, without the Python wrapper's checks) compares the program
+    with its manifest's program_sha256 and every safetensors file with the tensors' SHA-256 in its
+    metadata, and refuses a flipped bit naming the file."""
+    if not native.hashing_available(prog["exe"]):
+        pytest.skip("this build has no OpenSSL (sizes and shapes only)")
+    over = {}
+    if what == "program":
+        p = tmp_path / "p.pte"
+        for suffix in (".json", ".adapter.safetensors"):
+            shutil.copy(str(prog["path"]) + suffix, str(p) + suffix)
+        over["program"] = flipped_copy(prog["path"], p, 0.6)
+    elif what == "data":
+        over["data"] = flipped_copy(prog["data"], tmp_path / "d.safetensors", 0.9)
+    elif what == "plan":
+        native.write_plan(tmp_path / "good_plan.safetensors", 10, B, SEED, STEPS)
+        over["plan"] = flipped_copy(tmp_path / "good_plan.safetensors", tmp_path / "plan.safetensors", 0.95)
+    else:  # a checkpoint the binary wrote itself carries the hash too
+        r = run_bin(prog, tmp_path, **{"stop-after": 4, "checkpoint-every": 2})
+        assert r.returncode == 0, r.stderr[-500:]
+        state = tmp_path / "out" / "checkpoints" / "last" / "state.safetensors"
+        flipped_copy(state, state, 0.97)
+        over["resume"] = ""
+    cmd = bin_cmd(prog, tmp_path, **over)
+    if what == "checkpoint":
+        cmd = [x for x in cmd if x != ""]
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else []
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    err = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode != 0 and len(err) == 1 and "is damaged: its SHA-256 differs" in err[0], r.stderr[-500:]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before if before else not (tmp_path / "out").exists()
 
 
 def test_wrapper_refuses_with_a_prge_error(prog, tmp_path):

@@ -4,7 +4,7 @@
 runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
 `find_package(executorch)` in `<executorch package>/share/cmake`; JSON with nlohmann-json): main.cpp
 (entry), loop.cpp (prge/run/loop.py's rules), program.cpp (loading and the program's
-self-description), data.cpp (data file and plan), options.cpp, safetensors.cpp, files.cpp, and
+self-description), data.cpp (data file and plan), options.cpp, safetensors.cpp, sha256.cpp (OpenSSL SHA-256 checks), files.cpp, and
 weight_cache.cpp (XNNPACK's shared packed weights, also built as a library for the Python loop).
 This module:
 
@@ -201,6 +201,14 @@ def check_runs_here(exe: str | os.PathLike) -> None:
         raise PrgeError(f"{exe} is built for {built}, but this machine is {here}",
                         "build the trainer here (python -m prge.engine.native build), or run it through an emulator "
                         f"(launcher=['qemu-{built}', '-L', '/usr/{built}-linux-gnu'])")
+
+
+def hashing_available(exe: str | os.PathLike) -> bool:
+    """Whether the binary checks SHA-256 hashes (built with OpenSSL's libcrypto; its --help says)."""
+    import subprocess
+
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    return "SHA-256: the program" in r.stdout
 
 
 WEIGHT_CACHE_LIB = "prge_weight_cache"

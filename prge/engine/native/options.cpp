@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "files.h"
+#include "sha256.h"
 
 namespace prge {
 
@@ -44,6 +45,9 @@ Options parse_args(int argc, char** argv) {
         o.weight_cache = v == "on";
       } else if (a == "-h" || a == "--help") {
         fputs(USAGE, stdout);
+        fputs(hashing_available() ? "SHA-256: the program, data, plan and checkpoint files are checked against the hashes prge recorded\n"
+                                  : "SHA-256: not checked (built without OpenSSL's libcrypto): sizes and shapes only\n",
+              stdout);
         exit(0);
       } else {
         throw Fail("unknown argument " + a, 2);

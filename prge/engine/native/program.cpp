@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include "files.h"
+#include "sha256.h"
 #include "weight_cache.h"
 
 namespace prge {
@@ -36,6 +37,9 @@ Program::Program(const std::string& path, bool weight_cache) : path_(path) {
     if (bytes != desc_.manifest.end() && bytes->is_number_integer() && bytes->get<int64_t>() != int64_t(st.st_size))
       fail(path + " is " + std::to_string(st.st_size) + " bytes but its manifest says " + bytes->dump() + " (truncated or replaced)");
     desc_.sha256 = desc_.manifest.value("program_sha256", "");
+    if (!desc_.sha256.empty() && hashing_available() && sha256_file(path) != desc_.sha256)
+      fail(path + " is damaged: its SHA-256 differs from the program_sha256 its manifest recorded at export "
+           "(copy or export it again)");
   }
   if (module_->load() != Error::Ok) fail("the runtime cannot load " + path + " (corrupt, or not an ExecuTorch program)");
   auto names = module_->method_names();

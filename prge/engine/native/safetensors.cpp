@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "files.h"
+#include "sha256.h"
 
 namespace prge {
 
@@ -95,6 +96,7 @@ SafetensorsFile read_safetensors(const std::string& path, const std::string& wha
       fail(name + " is truncated or corrupt (tensor " + key + " lies outside the file)");
     f.tensors[key] = t;
   }
+  check_tensors_hash(f, what);
   return f;
 }
 
@@ -102,6 +104,15 @@ std::string safetensors_bytes(const std::vector<NamedFloats>& tensors) {
   json header = json::object();
   header["__metadata__"] = {{"format", "pt"}};
   size_t off = 0;
+  if (hashing_available()) {  // the tensors' SHA-256, as prge.io.save_tensors records it
+    SafetensorsFile f;
+    for (auto& t : tensors) {
+      size_t n = t.values->size() * 4;
+      f.tensors[t.name] = TensorInfo{"F32", {int64_t(t.values->size())}, f.bytes.size(), f.bytes.size() + n};
+      f.bytes.append(reinterpret_cast<const char*>(t.values->data()), n);
+    }
+    header["__metadata__"]["prge_sha256"] = tensors_sha256(f);
+  }
   for (auto& t : tensors) {
     size_t n = t.values->size() * 4;
     header[t.name] = {{"dtype", "F32"}, {"shape", {t.values->size()}}, {"data_offsets", {off, off + n}}};

@@ -1,0 +1,19 @@
+// SHA-256 with OpenSSL's libcrypto (EVP), the same digests prge/io.py records: a program's SHA-256
+// (its manifest's program_sha256) and the SHA-256 of a safetensors file's tensors ("prge_sha256" in
+// its metadata, prge.io.tensors_sha256). A build without OpenSSL (the ARM64 cross build, unless the
+// target's libssl-dev is installed) has hashing_available() == false and checks sizes and shapes only.
+#pragma once
+
+#include <string>
+
+namespace prge {
+
+struct SafetensorsFile;
+
+bool hashing_available();
+std::string sha256_file(const std::string& path);             // hex; fails naming the file if unreadable
+std::string tensors_sha256(const SafetensorsFile& f);          // hex, as prge.io.tensors_sha256
+// refuse a file whose tensors' hash differs from its recorded "prge_sha256" (files without one pass)
+void check_tensors_hash(const SafetensorsFile& f, const std::string& what);
+
+}  // namespace prge
