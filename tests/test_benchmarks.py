@@ -188,3 +188,32 @@ def test_zo_noise_excess_kappa_and_projection(tmp_path):
     # a decaying schedule sums its own lr: linear from 0.01 over 100 steps reaches S = 0.01·(100·101/2)/100 at 100
     lin = mod.load(_run(tmp_path / "lin", 0.01, "prge", [(0, 0.5, 0.7), (100, 0.4, 0.8)], schedule="linear"))
     assert lin["dev"][-1][1] == pytest.approx(0.01 * 101 / 2)
+
+
+def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypatch):
+    """learn.py's summary: backprop minutes and accuracy from accuracy.jsonl's fo rows; a zeroth-order
+    run counts as reaching backprop only if its best-dev test accuracy is at least backprop's mean."""
+    learn = bench("learn")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(learn, "RUNS", runs)
+    monkeypatch.setattr(learn, "RESULTS", results)
+    acc = [{**row("main", "sst2", "fo", s, 0.86, b), "method": "fo", "minutes": m, "steps": 100, "best_step": 100}
+           for s, (b, m) in enumerate([(0.86, 7.0), (0.87, 8.0)])]
+    acc.append({**row("main", "sst2", "prge-q4", 0, 0.80, 0.81), "method": "prge", "minutes": 30.0, "steps": 300,
+                "best_step": 300, "run_dir": "r"})
+    (results / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in acc))
+    cell = runs / "sst2e-prge-qk-lr1e-2-s0"
+    cell.mkdir(parents=True)
+    (cell / "summary.json").write_text(json.dumps({"method": "prge", "steps": 300, "minutes": 20.0, "test_before": 0.786,
+                                                   "test_after_last": 0.87, "test_after_best": 0.866, "best_step": 150,
+                                                   "best_dev": 0.85, "n_test": 872}))
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "split": "dev", "accuracy": 0.78, "loss": 0.46}, *({"step": i, "loss": 0.4, "seconds": 2.0} for i in range(1, 301)),
+        {"step": 150, "split": "dev", "accuracy": 0.85, "loss": 0.40}]))
+    learn.table()
+    got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
+    assert got["backprop_minutes"] == 7.5 and got["backprop_test"] == 0.865
+    assert got["zo_best_test"] == 0.866 and got["zo_minutes_to_backprop_acc"] == 10.0  # 20 min * 150 / 300
+    row_ = json.loads((results / "learn.jsonl").read_text().splitlines()[0])
+    assert row_["train_seconds_to_best"] == 300.0 and row_["dev_curve"][0] == [0, 0.78, 0.46]
