@@ -104,6 +104,9 @@ def table() -> None:
     print("| cell | steps | minutes | test before | after (last) | after (best dev, step) | gain |")
     print("|---|---|---|---|---|---|---|")
     for r in keep.values():
+        if "test_before" not in r:  # a cell stopped by hand (e.g. diverging), recorded with its step losses
+            print(f"| {r['cell']} | stopped at {r.get('stopped_at')} | – | – | – | {r.get('stopped', '')} | – |")
+            continue
         print(f"| {r['cell']} | {r['steps']} | {r['minutes']:.1f} | {100 * r['test_before']:.1f} | {100 * r['test_after_last']:.1f} | "
               f"{100 * r['test_after_best']:.1f} ({r['best_step']}) | {100 * (r['test_after_best'] - r['test_before']):+.1f} |")
     # learn.json: backprop from the earlier prompt (accuracy.jsonl's fo rows), zeroth order from every ZO run from it
@@ -113,7 +116,8 @@ def table() -> None:
     bp_min = sum(r["minutes"] for r in fo) / len(fo)
     zo = [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], r.get("run_dir") or r["cell_method"])
           for r in acc if r["table"] == "main" and r["task"] == "sst2" and r["method"] in ("prge", "mezo")]
-    zo += [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], r["cell"]) for r in keep.values() if r["cell"].startswith("sst2e-")]
+    zo += [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], r["cell"]) for r in keep.values()
+           if r["cell"].startswith("sst2e-") and "test_after_best" in r]
     reached = [m for a, m, _ in zo if a >= bp_acc]
     best = max(zo)
     learn = {"sst2_earlier_prompt": {"backprop_minutes": round(bp_min, 2), "backprop_test": round(bp_acc, 4),
