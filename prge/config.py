@@ -55,9 +55,9 @@ class TrainConfig:
     # LoRA
     rank: int = opt(16, "LoRA rank r")
     alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha/r)")
-    targets: list[str] | None = opt(None, "module names to wrap (default: q,k,v,o,gate,up,down projections, or the family's equivalents)")
+    targets: list[str] | None = opt(None, "module names to wrap (default: q,k,v,o,gate,up,down projections, or the family's equivalents); fewer modules learn faster only where their gradient is more coherent than the rest's, which depends on the task (q_proj k_proj on SST-2 from its earlier prompt: ~3x over the first 50 steps at a 10x lr, then no faster; docs/optimiser.md)")
     layers: list[int] | None = opt(None, "only wrap modules in these decoder layers (default: all)")
-    lora_a: str = opt("random", "the frozen LoRA A: random (seeded Kaiming, as PEFT), activations (the top-r principal directions of each wrapped module's inputs over --lora-a-rows training rows: forward passes only; its A x is ~35x larger, so use about 1/30 of the lr; predicted 1.2-1.6x faster per step, docs/optimiser.md), or a .safetensors file of A matrices")
+    lora_a: str = opt("random", "the frozen LoRA A: random (seeded Kaiming, as PEFT), activations (the top-r principal directions of each wrapped module's inputs over --lora-a-rows training rows: forward passes only; its A x is ~35x larger, so use about 1/30 of the lr; predicted 1.0-1.6x faster per step on SST-2, COPA, RTE and a user's skill set, measured 1.2-1.3x on SST-2: docs/optimiser.md), or a .safetensors file of A matrices")
     lora_a_rows: int = opt(256, "training rows whose activations choose A with --lora-a activations (one forward each)")
     # data shape
     n_train: int | None = opt(None, "training examples sampled (seeded) from the task's train pool (default: 1000, or fewer where the task has fewer; see the README's task table)")
