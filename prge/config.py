@@ -77,6 +77,7 @@ class TrainConfig:
     resume: str | None = opt(None, "a run folder or checkpoint folder to continue exactly from")
     progress: bool = opt(True, "show a progress bar")
     # more than one process (torchrun -m prge train ...; see the README's "More than one machine")
+    parallel: str = opt("queries", "torchrun runs: how the ranks split a step: queries (rank r evaluates q/W of the queries on the whole batch; the same trajectory as one process) or data (every rank evaluates all q queries on batch-size/W of the step's examples and the losses are averaged: for batches larger than one machine takes)", choices=["queries", "data"])
     check_every: int = opt(50, "torchrun runs: every N steps the ranks compare a checksum of B and stop with an error naming the step if they differ (0: only at the end)")
     dist_timeout: float = opt(600.0, "torchrun runs: seconds a rank waits for the others (to connect, and at each exchange) before stopping with an error")
 

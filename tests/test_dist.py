@@ -182,3 +182,27 @@ def test_ranks_whose_weights_drift_apart_stop_naming_the_step(tiny, tmp_path):
     assert len(lines) == 1, r.stderr[-3000:]
     assert "rank 1 differ from rank 0's after step 4" in lines[0]
     assert json.loads((out / "checkpoints/last/trainer_state.json").read_text())["step"] == 3  # rank 0's, nothing after
+
+
+def test_data_parallel_ranks_match_one_process_with_the_whole_batch(tiny, tmp_path):
+    """--parallel data: 2 ranks evaluate all 4 queries on 1 of the step's 2 examples each, and the
+    averaged losses give the trajectory of one process on both examples."""
+    out = tmp_path / "data"
+    r = standalone(2, flags(model=tiny, out=out, parallel="data"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes x 1 of 2 examples" in r.stderr
+    run(TrainConfig(**ARGS, model=tiny, out=str(tmp_path / "one"), progress=False))
+    assert len(losses(out)) == 6
+    assert max(abs(a - b) for a, b in zip(losses(out), losses(tmp_path / "one"))) <= 1e-6
+    assert max_diff(adapter(out), adapter(tmp_path / "one")) <= 1e-6
+
+
+def test_data_parallel_needs_a_batch_the_ranks_can_split(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from prge.errors import PrgeError
+    from prge.run import dist
+
+    with pytest.raises(PrgeError) as e:  # refused before joining any process group
+        dist.start(TrainConfig(**{**ARGS, "batch_size": 3}, parallel="data", model="x", out=str(tmp_path / "o")))
+    assert "--batch-size 3" in e.value.problem and "multiple of 2" in e.value.fix

@@ -58,7 +58,8 @@ def launched() -> bool:
 
 @dataclass
 class Share:
-    """This process's part of every step: global queries `queries`, losses exchanged by `gather`."""
+    """This process's part of every step: global queries `queries` on the step's examples `rows` (all
+    queries on 1/W of the examples in data-parallel mode), losses exchanged by `gather`."""
 
     rank: int
     world: int
@@ -66,15 +67,34 @@ class Share:
     store: object = None  # the job's key-value store (dist.Store): the other ranks wait on it while rank 0 evaluates
     exchange_seconds: float = 0.0  # time spent in the all-gather (benchmarks read it)
     exchanges: int = 0
+    data: bool = False  # data-parallel: every rank evaluates all q queries on its 1/W of the examples
+    loss: str = "class"  # the loss kind: what a rank's share of a data-parallel batch weighs (rows or answer tokens)
 
     @property
     def queries(self) -> slice:
+        if self.data:
+            return slice(0, self.q)
         n = self.q // self.world
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """(2·q/W,) local losses [L⁺ of my queries, L⁻ of my queries] -> (2q,) [L⁺_1..q, L⁻_1..q] of all ranks."""
+    def rows(self, indices: list[int]) -> list[int]:
+        """This rank's examples of the step (contiguous shares in data-parallel mode, else all)."""
+        if not self.data:
+            return indices
+        n = len(indices) // self.world
+        return indices[self.rank * n:(self.rank + 1) * n]
+
+    def weight(self, batch) -> float:
+        """What this rank's per-copy mean losses average over: rows (class loss) or answer tokens (LM loss)."""
+        return float(batch.target_mask[:, :1].sum() if self.loss == "class" else batch.target_mask.sum())
+
+    def gather(self, local: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """(2·q/W,) local losses [L⁺ of my queries, L⁻ of my queries] -> (2q,) [L⁺_1..q, L⁻_1..q] of all ranks.
+        Data-parallel: (2q,) local mean losses -> their mean over the ranks, each weighted by `weight`
+        (its rows or answer tokens), so that it is the mean over the whole step's batch."""
         t = time.perf_counter()
+        if self.data:
+            local = torch.cat([local * weight, local.new_tensor([weight])])
         parts = [torch.empty_like(local) for _ in range(self.world)]
         try:
             dist.all_gather(parts, local.contiguous())
@@ -85,6 +105,9 @@ class Share:
             raise lost from None
         self.exchange_seconds += time.perf_counter() - t
         self.exchanges += 1
+        if self.data:
+            total = torch.stack(parts).sum(0)
+            return total[:-1] / total[-1]
         return torch.stack(parts).reshape(self.world, 2, -1).transpose(0, 1).reshape(-1)
 
 
@@ -101,7 +124,12 @@ def start(cfg: TrainConfig) -> Share:
     local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if cfg.method != "prge":
         raise PrgeError(f"--method {cfg.method} does not run on several processes here", "use --method prge, or start one process")
-    check_split(cfg.q, world)
+    if cfg.parallel == "data":
+        if cfg.batch_size % world:
+            raise PrgeError(f"--parallel data splits the --batch-size {cfg.batch_size} examples of a step over {world} processes, "
+                            "which does not divide evenly", f"pass a --batch-size that is a multiple of {world}")
+    else:
+        check_split(cfg.q, world)
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(local if cfg.device == "cuda" else torch.device(cfg.device))
@@ -126,7 +154,7 @@ def start(cfg: TrainConfig) -> Share:
         raise PrgeError(f"rank {rank} could not reach the other ranks at {where} within {cfg.dist_timeout:g} s "
                         f"({str(e).splitlines()[0][:120]})",
                         "check the address, the port and the firewall, and that all ranks were started (--dist-timeout sets the wait)") from None
-    return Share(rank, world, cfg.q, store)
+    return Share(rank, world, cfg.q, store, data=cfg.parallel == "data")
 
 
 def fingerprint(cfg: TrainConfig, s) -> dict[str, str]:
@@ -299,10 +327,13 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
         if rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             io.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            split = (f"{cfg.batch_size // share.world} of {cfg.batch_size} examples" if share.data else
+                     f"{cfg.q // share.world} of {cfg.q} queries")
             say(f"prge: {cfg.method} ({cfg.mode}) on {s.data_name}, model {cfg.model}, {share.world} processes x "
-                f"{cfg.q // share.world} of {cfg.q} queries, {sum(p.numel() for p in s.params):,} trained values, "
+                f"{split}, {sum(p.numel() for p in s.params):,} trained values, "
                 f"{len(s.train)} train / {len(s.dev)} dev / {len(s.test)} test examples -> {run_dir}")
         lora = [t for m in lora_layers(s.model).values() for t in (m.lora_A, m.lora_B)]
+        share.loss = s.loss_kind
         s.share = share
         stepper = DistStepper(EagerStepper(s), share, cfg.check_every, lora)
         plan = Plan(cfg.steps, cfg.eval_every, cfg.checkpoint_every, cfg.progress and rank0, "train", stop_after, record=rank0)

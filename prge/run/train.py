@@ -288,7 +288,10 @@ class EagerStepper:
 
     def step(self, step: int) -> tuple[float, float]:
         s, c = self.s, self.s.cfg
-        batch = collate([s.train[i] for i in step_indices(len(s.train), c.batch_size, c.seed, step)], s.pad_id).to(c.device)
+        idx = step_indices(len(s.train), c.batch_size, c.seed, step)
+        if s.share is not None:  # a data-parallel torchrun rank takes its share of the step's examples
+            idx = s.share.rows(idx)
+        batch = collate([s.train[i] for i in idx], s.pad_id).to(c.device)
         return one_step(s, batch, step, self.optimizer)
 
     def evaluate(self, step: int) -> dict:

@@ -73,14 +73,16 @@ def prge_step(model, params: list[torch.Tensor], loss_fn: LossFn, batch: Batch, 
 
     `share` (a `prge.run.dist.Share`) splits the queries across processes: this one evaluates the
     global queries `share.queries` only, `share.gather` exchanges the losses, and every process applies
-    the same update from all q. The noise is drawn for all q by global query id, so it never depends
+    the same update from all q. (Data-parallel: `batch` is this process's share of the step's
+    examples, it evaluates all q queries, and `gather` averages the losses over the processes.) The noise is drawn for all q by global query id, so it never depends
     on the process."""
     key = torch.tensor([seed, step], dtype=torch.int64, device=params[0].device)
     zs = est.all_noise(key, q, [tuple(p.shape) for p in params], noise)
     if share is None:
         losses = perturbed_losses(model, params, zs, loss_fn, batch, eps, mode)
     else:
-        losses = share.gather(perturbed_losses(model, params, [z[share.queries] for z in zs], loss_fn, batch, eps, mode))
+        local = perturbed_losses(model, params, [z[share.queries] for z in zs], loss_fn, batch, eps, mode)
+        losses = share.gather(local, share.weight(batch))
     check_finite(losses, step)
     g = est.projected_grad(losses[:q], losses[q:], eps, normalize)
     apply_update(params, zs, g, lr)
