@@ -103,29 +103,21 @@ SafetensorsFile read_safetensors(const std::string& path, const std::string& wha
 std::string safetensors_bytes(const std::vector<NamedFloats>& tensors) {
   json header = json::object();
   header["__metadata__"] = {{"format", "pt"}};
-  size_t off = 0;
-  if (hashing_available()) {  // the tensors' SHA-256, as prge.io.save_tensors records it
-    SafetensorsFile f;
-    for (auto& t : tensors) {
-      size_t n = t.values->size() * 4;
-      f.tensors[t.name] = TensorInfo{"F32", {int64_t(t.values->size())}, f.bytes.size(), f.bytes.size() + n};
-      f.bytes.append(reinterpret_cast<const char*>(t.values->data()), n);
-    }
-    header["__metadata__"]["prge_sha256"] = tensors_sha256(f);
-  }
+  SafetensorsFile f;  // the payload, laid out once: written below and hashed as prge.io.save_tensors does
   for (auto& t : tensors) {
-    size_t n = t.values->size() * 4;
+    size_t off = f.bytes.size(), n = t.values->size() * 4;
+    f.tensors[t.name] = TensorInfo{"F32", {int64_t(t.values->size())}, off, off + n};
     header[t.name] = {{"dtype", "F32"}, {"shape", {t.values->size()}}, {"data_offsets", {off, off + n}}};
-    off += n;
+    f.bytes.append(reinterpret_cast<const char*>(t.values->data()), n);
   }
+  if (hashing_available()) header["__metadata__"]["prge_sha256"] = tensors_sha256(f);
   std::string h = header.dump();
   while ((8 + h.size()) % 8) h += ' ';  // the tensors start 8-byte aligned
   std::string out(8, '\0');
   uint64_t len = h.size();
   for (int i = 0; i < 8; ++i) out[size_t(i)] = char((len >> (8 * i)) & 0xFF);
   out += h;
-  for (auto& t : tensors) out.append(reinterpret_cast<const char*>(t.values->data()), t.values->size() * 4);
-  return out;
+  return out + f.bytes;
 }
 
 }  // namespace prge
