@@ -3,7 +3,8 @@
 inside the engine, on SmolLM2-135M (issue 6, part 3).
 
     python benchmarks/accuracy.py run --table main           # SST-2 and RTE, seeds 0 1 2
-    python benchmarks/accuracy.py run --table suite          # BoolQ, WiC, COPA, WinoGrande, SQuAD; seed 0
+    python benchmarks/accuracy.py run --table suite          # BoolQ, WiC, COPA, WinoGrande, SQuAD, ARC-Easy; seed 0
+    python benchmarks/accuracy.py run --table suite --tasks copa wic arc_easy boolq --methods prge-q4 mezo-q1   # the paper's claim
     python benchmarks/accuracy.py run --table main --shard 0/2 &   # two processes, one per core
     python benchmarks/accuracy.py run --table main --shard 1/2 &
     python benchmarks/accuracy.py run --table main --tasks sst2 --seeds 1   # only some cells
@@ -76,11 +77,15 @@ EARLIER_PROMPT = {"sst2": {"template": EARLIER_SST2_TEMPLATE}}
 TABLES = {
     "main": {"tasks": ["sst2", "rte"], "seeds": [0, 1, 2], "methods": ["prge-q4", "mezo-q1", "fo", "prge-q16"],
              "overrides": EARLIER_PROMPT},
-    "suite": {"tasks": ["boolq", "wic", "copa", "winogrande", "squad"], "seeds": [0], "methods": ["fo", "prge-q4"]},
+    # mezo-q1 and arc_easy were added for issue 20's "the paper's claim" figure (P-RGE q = 4 beats MeZO q = 1 at
+    # equal forwards on >= 4 of SST-2, RTE, WiC, BoolQ, COPA, ARC-Easy); the earlier cells are unchanged.
+    "suite": {"tasks": ["boolq", "wic", "copa", "winogrande", "squad", "arc_easy"], "seeds": [0],
+              "methods": ["fo", "prge-q4", "mezo-q1"]},
     "engine": {"tasks": ["sst2"], "seeds": [0], "methods": ["engine-q4"], "overrides": EARLIER_PROMPT},
     "sst2-default": {"tasks": ["sst2"], "seeds": [0, 1, 2], "methods": ["prge-q4", "mezo-q1", "fo"]},
 }
-PAIRED = ("main", "sst2-default")  # the tables whose P-RGE / MeZO / backprop cells the figures compare
+PAIRED = ("main", "sst2-default", "suite")
+CLAIM_TASKS = (("main", "sst2"), ("main", "rte"), ("suite", "wic"), ("suite", "boolq"), ("suite", "copa"), ("suite", "arc_easy"))  # the tables whose P-RGE / MeZO / backprop cells the figures compare
 ENGINE_MAX_LENGTH = 64  # the program's static sequence length: the longest SST-2 train/dev row with the earlier
 # prompt is 64 tokens (measured), so nothing is truncated and the padded forward is half that of T = 128
 
@@ -377,6 +382,14 @@ def figures(rows: list[dict]) -> list[str]:
             name = task if table == "main" else f"{task} ({table})"
             out.append(f"| {figure} | {name} | {p[0]:.1f} vs {o[0]:.1f} · {p[1]:.1f} vs {o[1]:.1f} "
                        f"(seeds {', '.join(map(str, sorted(common)))}) | {status([ok(p[0], o[0]), ok(p[1], o[1])])} |")
+    claim = []  # the paper's claim over the issue's six tasks, paired seeds, best-dev test accuracy
+    for table, task in CLAIM_TASKS:
+        common = seeds(table, task, "prge-q4") & seeds(table, task, "mezo-q1")
+        if common:
+            claim.append(_means(rows, table, task, "prge-q4", common)[1] > _means(rows, table, task, "mezo-q1", common)[1])
+    if claim:
+        out.append(f"| P-RGE q = 4 beats MeZO q = 1 on >= 4 of the 6 tasks (best-dev) | {len(claim)} of 6 measured | "
+                   f"wins on {sum(claim)} | {'met' if sum(claim) >= 4 else '**missed**' if sum(claim) + 6 - len(claim) < 4 else 'open'} |")
     for task in TABLES["engine"]["tasks"]:
         e = _means(rows, "engine", task, "engine-q4")
         e_seeds = seeds("engine", task, "engine-q4")

@@ -160,7 +160,8 @@ def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=N
             raise PrgeError("nlohmann/json.hpp not found", "install it (Debian: apt-get install nlohmann-json3-dev)")
         json_include.mkdir(parents=True, exist_ok=True)
         (json_include / "nlohmann").symlink_to(header)
-    h = hashlib.sha256(arch.encode() + et_version.encode())
+    ssl = _target_openssl(arch, root, log)
+    h = hashlib.sha256(arch.encode() + et_version.encode() + repr(ssl).encode())
     for f in sorted(SOURCE_DIR.glob("*")):
         if f.is_file():
             h.update(f.name.encode() + f.read_bytes())
@@ -172,16 +173,63 @@ def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=N
     for cmd in ([["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                   f"-DCMAKE_TOOLCHAIN_FILE={SOURCE_DIR / toolchain}", f"-Dexecutorch_DIR={package / 'share' / 'cmake'}",
                   f"-DPRGE_JSON_INCLUDE={json_include}",
-                  # no SHA-256 in the cross build: the host's libcrypto must not be picked up (see sha256.h)
-                  "-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON"],
+                  # the target's libcrypto, or none: the host's must never be picked up
+                  *([f"-DPRGE_OPENSSL_INCLUDE={ssl[0]}", f"-DPRGE_OPENSSL_CRYPTO={ssl[1]}"] if ssl
+                    else ["-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON"])],
                  ["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", BINARY]]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
             raise PrgeError(f"cross-building the {arch} trainer failed ({' '.join(cmd[:2])} ...):\n{tail}",
                             f"check {compiler} and the unpacked wheel in {package}")
-    log(f"built {exe} for {arch} in {time.time() - t0:.0f} s (without SHA-256 checks: sizes and shapes only)")
+    log(f"built {exe} for {arch} in {time.time() - t0:.0f} s" + ("" if ssl else " (without SHA-256 checks: sizes and shapes only)"))
     return exe
+
+
+DEB_ARCH = {"aarch64": "arm64"}
+
+
+def _target_openssl(arch: str, root: Path, log) -> tuple[str, str] | None:
+    """(include folder holding only openssl/, static libcrypto.a) for the target, or None.
+
+    The target's libcrypto comes from Debian's libssl-dev:<arch>: already installed through multiarch,
+    or else downloaded once with `apt-get download` and extracted into the cache with `dpkg -x`, never
+    installed (installing it also installs the target's libc6, after which qemu-user ran every aarch64
+    binary here many times slower). `apt-get download` needs the architecture known to dpkg
+    (`dpkg --add-architecture arm64 && apt-get update`, which installs nothing); without it the build
+    goes on without SHA-256 checks and says how to get them. Static linking keeps the binary free of a
+    runtime libcrypto on the board."""
+    triplet, deb_arch = f"{arch}-linux-gnu", DEB_ARCH[arch]
+    candidates = [Path("/"), root / f"libssl-dev-{deb_arch}"]
+    if not any((c / "usr/lib" / triplet / "libcrypto.a").is_file() for c in candidates) and shutil.which("apt-get") and shutil.which("dpkg"):
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            r = subprocess.run(["apt-get", "download", "-qq", f"libssl-dev:{deb_arch}"], cwd=tmp, capture_output=True, text=True)
+            debs = sorted(Path(tmp).glob("libssl-dev_*.deb"))
+            if r.returncode == 0 and debs:
+                into = Path(tmp) / "x"
+                if subprocess.run(["dpkg", "-x", str(debs[0]), str(into)], capture_output=True).returncode == 0:
+                    shutil.rmtree(candidates[1], ignore_errors=True)
+                    into.rename(candidates[1])
+                    log(f"extracted {debs[0].name} into {candidates[1]}")
+    for c in candidates:
+        lib, own, shared = c / "usr/lib" / triplet / "libcrypto.a", c / "usr/include" / triplet / "openssl", c / "usr/include/openssl"
+        if not (lib.is_file() and own.is_dir() and (shared / "evp.h").is_file()):
+            continue
+        inc = root / f"openssl-include-{'system' if c == Path('/') else 'extracted'}"
+        folder = inc / "openssl"
+        if not (folder / "configuration.h").exists():
+            shutil.rmtree(inc, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for d in (shared, own):  # the target's configuration.h last: it wins
+                for f in d.iterdir():
+                    target = folder / f.name
+                    if target.is_symlink() or target.exists():
+                        target.unlink()
+                    target.symlink_to(f)
+        return str(inc), str(lib)
+    log(f"no {arch} libcrypto: building without SHA-256 checks (to get them: dpkg --add-architecture {deb_arch} && "
+        f"apt-get update, then rebuild; prge extracts libssl-dev:{deb_arch} into {candidates[1]} without installing it)")
+    return None
 
 
 def binary_machine(exe: str | os.PathLike) -> str | None:

@@ -1,9 +1,8 @@
 // SHA-256 with OpenSSL's libcrypto (EVP), the same digests prge/io.py records: a program's SHA-256
 // (its manifest's program_sha256) and the SHA-256 of a safetensors file's tensors ("prge_sha256" in
-// its metadata, prge.io.tensors_sha256). A build without OpenSSL has hashing_available() == false and
-// checks sizes and shapes only: so far the ARM64 cross build (installing Debian's libssl-dev:arm64 for
-// its libcrypto.a also installs libc6:arm64, after which qemu-user runs every aarch64 binary here
-// many times slower; extracting the .deb without installing it is the way to try next).
+// its metadata, prge.io.tensors_sha256). The ARM64 cross build links the target's static libcrypto.a,
+// extracted from Debian's libssl-dev:arm64 (native.py _target_openssl). A build without OpenSSL has
+// hashing_available() == false and checks sizes and shapes only, and its --help says so.
 #pragma once
 
 #include <string>
