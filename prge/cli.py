@@ -179,16 +179,18 @@ def cmd_export(args) -> int:
     if out.suffix != ".pte":
         raise PrgeError(f"--out {out} should end in .pte", "pass e.g. --out sst2.pte")
     say(f"prge export: {cfg.model}, {s.data_name}, q={cfg.q}, b={cfg.batch_size}, T={cfg.max_length}, K={K}, "
-        f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'} -> {out}")
+        f"loss={s.loss_kind}, noise={args.noise}, quantize={args.quantize or 'none'}"
+        + (f", {args.ranks} ranks" if args.ranks > 1 else "") + f" -> {out}")
     manifest = export_program(s.model, s.tokenizer, s.label_ids, q=cfg.q, batch_size=cfg.batch_size,
                               max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
                               quantize=None if args.quantize == "none" else args.quantize, out_path=out, model_name=cfg.model,
-                              eval_batch_size=args.eval_batch_size, log=say,
+                              eval_batch_size=args.eval_batch_size, log=say, ranks=args.ranks,
                               run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS})
     data = out.with_suffix(".data.safetensors")
     write_dataset(data, s, manifest)
+    launcher = f"torchrun --nproc-per-node {args.ranks} -m prge" if args.ranks > 1 else "prge"
     print(f"program: {out} (+ {out.name}.json manifest, {out.name}.adapter.safetensors)\ndata: {data} "
-          f"({len(s.train)} train, {len(s.dev)} dev examples)\nnext: prge device-train --program {out} --out runs/device")
+          f"({len(s.train)} train, {len(s.dev)} dev examples)\nnext: {launcher} device-train --program {out} --out runs/device")
     return 0
 
 
@@ -287,6 +289,11 @@ def parser() -> argparse.ArgumentParser:
                    help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights; "
                         "LoRA B stays float32; use --eps 1e-2 or larger with them), or none: a float32 base (default: none)")
     x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
+    x.add_argument("--ranks", type=int, default=1,
+                   help="export one rank's program of an engine fleet: run it with `torchrun --nproc-per-node N -m prge "
+                        "device-train` and N = --ranks processes, each evaluating q/N of the --q queries (the ranks exchange "
+                        "only the 2q losses, every rank applies the update from all q); 1: a one-process program, which "
+                        "the C++ runner also takes (default: 1)")
     x.add_argument("--adapter", help="start from this PEFT adapter (its A and B) instead of a fresh LoRA")
     x.add_argument("--config", help="YAML file of options")
     add_config_flags(x, only=EXPORT_FIELDS)
@@ -297,7 +304,9 @@ def parser() -> argparse.ArgumentParser:
         description="The on-device loop: only executorch.runtime, torch tensors and the pre-tokenised data (no model "
                     "code, no tokenizer). Per step the host picks the examples, calls train_step and computes "
                     "g = (L+ - L-)/2eps from the 2q losses. Writes metrics.jsonl, checkpoints/{last,best}/, the "
-                    "final PEFT adapter in OUT/adapter and summary.json.")
+                    "final PEFT adapter in OUT/adapter and summary.json. A program exported with --ranks N runs under "
+                    "`torchrun --nproc-per-node N -m prge device-train ...` (or --nnodes M with a rendezvous endpoint): "
+                    "each rank evaluates its share of the queries, rank 0 evaluates and writes.")
     d.add_argument("--program", required=True, help="the .pte written by `prge export`")
     d.add_argument("--data", help="the data file written by `prge export` (default: the program's X.data.safetensors)")
     d.add_argument("--out", required=True, help="run folder")

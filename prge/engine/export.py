@@ -70,7 +70,7 @@ LOSSES = ("class", "lm")
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", "gpt2")
 # buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
 # which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
-STATE_PATTERNS = ["copies", "eps_prev"]
+STATE_PATTERNS = ["copies", "eps_prev", "clean_"]
 
 
 def vocab_sha256(tokenizer) -> str:
@@ -105,14 +105,19 @@ class StepProgram(nn.Module):
     """The MP-LoRA model plus the step's own state (ε of the last step), one Python method per
     exported method; `self.method` picks which one `forward` is while tracing."""
 
-    def __init__(self, model: nn.Module, label_ids: torch.Tensor | None, q: int, loss: str, noise: str):
+    def __init__(self, model: nn.Module, label_ids: torch.Tensor | None, q: int, loss: str, noise: str, ranks: int = 1):
         super().__init__()
         self.model = model
-        self.q, self.loss, self.noise = q, loss, noise
+        # q: the queries this program evaluates (its copies are 2q); q_global: all the step's queries
+        # (a fleet program's update uses all of them); ranks > 1 makes a fleet program (see `fleet`)
+        self.q, self.q_global, self.ranks, self.loss, self.noise = q // ranks, q, ranks, loss, noise
         self.shapes = [tuple(m.copies.shape[1:]) for m in lora_layers(model).values()]
         # ε of the previous step, to rebuild z from the copies. 1, not 0: the first call divides by
         # it (the copies are then all equal, so z = 0 and the g = 0 update is a no-op).
         self.register_buffer("eps_prev", torch.ones(1))
+        if ranks > 1:  # the fleet keeps the clean B itself: its copies hold only this rank's queries
+            for j, m in enumerate(lora_layers(model).values()):
+                self.register_buffer(f"clean_{j}", m.copies[0].detach().clone())
         self.label_ids = None if label_ids is None else torch.as_tensor(label_ids, dtype=torch.long).clone()
         self.method = "train_step"
 
@@ -122,8 +127,22 @@ class StepProgram(nn.Module):
     def _layers(self):
         return list(lora_layers(self.model).values())
 
+    @property
+    def fleet(self) -> bool:
+        """A program for one rank of several (`prge export --ranks N`): train_step takes the rank's
+        first global query id and perturbs only its q/N queries; the update from all q values of g is
+        its own method (`update`), which regenerates every query's noise from the step's key, so every
+        rank applies the same update to the clean B it keeps (buffers clean_j). g and lr, which a
+        single-process program folds in as the pending update, are accepted and ignored."""
+        return self.ranks > 1
+
+    def _cleans(self) -> list[torch.Tensor]:
+        return [getattr(self, f"clean_{j}") for j in range(len(self.shapes))]
+
     def _clean(self, g: torch.Tensor, lr: torch.Tensor) -> list[torch.Tensor]:
         """Clean B of every layer with the pending update (g of the last step) applied."""
+        if self.fleet:  # updated by `update` already; + 0·lr keeps the (ignored) input in the graph
+            return [c + 0.0 * lr for c in self._cleans()]
         out = []
         for m in self._layers():
             b, z = est.rebuild(m.copies, self.eps_prev)
@@ -139,8 +158,12 @@ class StepProgram(nn.Module):
         return [part.reshape(self.q, *s) for part, s in zip(torch.split(z, sizes, dim=1), self.shapes)]
 
     def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
-        clean = self._clean(g, lr)
-        zs = self._noise(key, z)
+        if self.fleet:  # z is then the rank's first global query id
+            clean = self._clean(g, lr)
+            zs = est.all_noise(key, self.q, self.shapes, first=z)
+        else:
+            clean = self._clean(g, lr)
+            zs = self._noise(key, z)
         for m, b, zz in zip(self._layers(), clean, zs):
             m.copies.copy_(est.perturbed(b, zz, eps, "+-"))
         self.eps_prev.copy_(eps)
@@ -159,16 +182,27 @@ class StepProgram(nn.Module):
     def read_state(self, g, lr):
         return torch.cat([b.reshape(-1) for b in self._clean(g, lr)])
 
+    def update(self, g, lr, key):
+        """Fleet only: B ← B − lr·mean_i(g_i z_i) over all q_global queries of step `key`, their noise
+        regenerated here (estimator.all_noise/update, as the eager step does); returns lr."""
+        for c, z in zip(self._cleans(), est.all_noise(key, self.q_global, self.shapes)):
+            c.copy_(est.update(c, z, g, lr))
+        return lr * 1.0
+
+    def _state(self) -> list[torch.Tensor]:
+        """What holds the trained values: the clean B (fleet), else the ± copies."""
+        return self._cleans() if self.fleet else [m.copies for m in self._layers()]
+
     def read_raw(self):
         # one derived vector (never a buffer itself: XNNPACK refuses that, and a lone scalar op on
         # unmutated buffers trips an ExecuTorch constant-naming bug)
-        return torch.cat([m.copies.reshape(-1) for m in self._layers()] + [self.eps_prev])
+        return torch.cat([t.reshape(-1) for t in self._state()] + [self.eps_prev])
 
     def write_raw(self, raw):
         start = 0
-        for m in self._layers():
-            n = m.copies.numel()
-            m.copies.copy_(raw[start:start + n].reshape(m.copies.shape))
+        for t in self._state():
+            n = t.numel()
+            t.copy_(raw[start:start + n].reshape(t.shape))
             start += n
         self.eps_prev.copy_(raw[start:start + 1])
         return raw[start:start + 1] * 1.0
@@ -187,7 +221,7 @@ class StepProgram(nn.Module):
 
 
 def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, loss: str, noise: str,
-                    with_labels: bool) -> dict[str, tuple]:
+                    with_labels: bool, ranks: int = 1) -> dict[str, tuple]:
     def batch(n):
         return (torch.zeros(n, T, dtype=torch.long), torch.zeros(n, K, dtype=torch.long),
                 torch.zeros(n, K, dtype=torch.long), torch.ones(n, K), torch.zeros(n, dtype=torch.long))
@@ -198,12 +232,14 @@ def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, los
 
     g = torch.zeros(q)
     key = torch.zeros(2, dtype=torch.long)
-    step = batch(b) + (scalar(), scalar(), g, key) + ((torch.zeros(q, total),) if noise == "host" else ())
+    extra = (torch.zeros(1, dtype=torch.long),) if ranks > 1 else (torch.zeros(q, total),) if noise == "host" else ()
+    step = batch(b) + (scalar(), scalar(), g, key) + extra
     inputs = {
         "train_step": step,
         "read_state": (torch.zeros(q), scalar()),
         "read_raw": (),
-        "write_raw": (torch.ones(2 * q * total + 1),),
+        "write_raw": (torch.ones(raw_size(q, total, ranks)),),
+        "update": (torch.zeros(q), scalar(), torch.zeros(2, dtype=torch.long)),
     }
     ev = batch(n_eval)
     if with_labels:
@@ -213,6 +249,21 @@ def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, los
     inputs["forward_losses"] = batch(b)
     return inputs
 
+
+def raw_size(q: int, total: int, ranks: int = 1) -> int:
+    """Length of read_raw's vector: the 2q copies of every B and ε, or a fleet program's clean B and ε."""
+    return (total if ranks > 1 else 2 * q * total) + 1
+
+
+FLEET_SIGNATURES = {  # where a fleet program's methods differ (`StepProgram.fleet`)
+    "train_step": "(input_ids i64 (b,T), target_pos i64 (b,K), target_ids i64 (b,K), target_mask f32 (b,K), "
+                  "label i64 (b,), lr f32 (1,) ignored, eps f32 (1,), g f32 (q,) ignored, key i64 (2,) = [seed, step], "
+                  "first_query i64 (1,)) -> losses f32 (2q/ranks,): L+ of the rank's queries, then their L-",
+    "update": "(g f32 (q,), lr f32 (1,), key i64 (2,) = [seed, step]) -> lr f32 (1,): B <- B - lr * mean_i g_i z_i "
+              "over all q queries of the step, their noise regenerated",
+    "read_raw": "() -> raw f32 (total+1,): the clean B of every layer flattened, in layer order, then eps",
+    "write_raw": "(raw f32 (total+1,) as read_raw returns it) -> eps f32 (1,)",
+}
 
 METHOD_SIGNATURES = {
     "train_step": "(input_ids i64 (b,T), target_pos i64 (b,K), target_ids i64 (b,K), target_mask f32 (b,K), "
@@ -302,7 +353,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
                    answer_slots: int = 1, loss: str = "class", noise: str = "counter", quantize: str | None = None,
                    out_path: str | os.PathLike, model_name: str, label_words: list[str] | None = None,
                    eval_batch_size: int | None = None, methods: tuple[str, ...] = METHODS, run_defaults: dict | None = None,
-                   log=None) -> dict:
+                   ranks: int = 1, log=None) -> dict:
     """Export the P-RGE step of an MP-LoRA `model` as `out_path` (.pte) + manifest; returns the manifest.
 
     The model's LoRA copies are resized to 2q (`set_copies`) and start as the clean B. With
@@ -312,6 +363,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     adds the plain batched forward over the copies (what benchmarks compare the step against).
     `run_defaults` (seed, steps, lr, eps, ...) is recorded in the manifest: `prge device-train` uses
     them for the options it is not given, so the device run is the one `prge train` would make.
+    `ranks` > 1 exports one rank's program of an engine fleet (`prge device-train` under torchrun with
+    that many processes): q/ranks queries per rank, the update from all q (`StepProgram.fleet`).
     """
     log = log or (lambda msg: None)
     if noise not in NOISE_MODES:
@@ -327,6 +380,15 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     if q < 1 or batch_size < 1 or max_length < 2 or answer_slots < 1:
         raise PrgeError(f"bad program shape q={q}, batch_size={batch_size}, max_length={max_length}, answer_slots={answer_slots}",
                         "pass positive --q and --batch-size and --max-length >= 2")
+    if not isinstance(ranks, int) or ranks < 1:
+        raise PrgeError(f"--ranks must be a whole number >= 1, got {ranks!r}", "pass --ranks 1 for one process")
+    if ranks > 1:
+        from prge.run.dist import check_split
+
+        check_split(q, ranks)
+        if noise != "counter":
+            raise PrgeError(f"a program for {ranks} ranks regenerates every rank's noise from the counter generator, "
+                            f"not noise {noise!r}", "leave --noise at its default (counter)")
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise PrgeError(f"cannot export a {family!r} model: the exported step is checked against eager training only for "
@@ -339,10 +401,10 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         raise PrgeError(f"the model is {w.dtype} on {w.device}; the exporter traces a float32 CPU model",
                         "load it with dtype float32 on the CPU (use --quantize for a smaller base)")
     out_path = Path(out_path)
-    set_copies(model, 2 * q)
+    set_copies(model, 2 * (q // ranks))
     table = layer_table(model)
     total = sum(math.prod(x["shape"]) for x in table)
-    n_eval = eval_batch_size or 2 * q * batch_size
+    n_eval = eval_batch_size or 2 * (q // ranks) * batch_size
     with_labels = label_ids is not None
     if with_labels:
         label_ids = torch.as_tensor(label_ids, dtype=torch.long)
@@ -351,10 +413,12 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     if quantize:
         log(f"quantising the frozen base ({quantize}); train it with eps >= {QUANTIZED_MIN_EPS:g} (activation quantisation noise)")
         traced = _quantize(copy.deepcopy(model), quantize)
-    core = StepProgram(traced, label_ids, q, loss, noise).eval()
-    inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels)
+    core = StepProgram(traced, label_ids, q, loss, noise, ranks).eval()
+    inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels, ranks)
+    if ranks > 1 and "update" not in methods:
+        methods = tuple(methods) + ("update",)
     eval_name = "evaluate_class" if with_labels else "evaluate_lm"
-    unknown = set(methods) - set(METHODS) - {"forward_losses"}
+    unknown = set(methods) - set(METHODS) - {"forward_losses", "update"}
     if unknown:
         raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + ('forward_losses',)}")
     names = {m: (eval_name if m == "evaluate" else m) for m in methods}
@@ -408,7 +472,9 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "answer_slots": answer_slots,
         "eval_batch_size": n_eval,
         "q": q,
-        "copies": 2 * q,
+        "copies": 2 * (q // ranks),
+        "ranks": ranks,
+        "raw_size": raw_size(q, total, ranks),
         "rank": first.rank,
         "alpha": first.alpha,
         "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
@@ -421,7 +487,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "label_words": words,
         "label_ids": label_ids.tolist() if with_labels else None,
         "quantization": quantize,
-        "methods": {public: METHOD_SIGNATURES[impl] for public, impl in names.items()},
+        "methods": {public: (FLEET_SIGNATURES.get(impl) if ranks > 1 else None) or METHOD_SIGNATURES[impl]
+                    for public, impl in names.items()},
         "adapter_config": adapter_config,
         "lora_a_file": lora_a_path(out_path).name,
         "run_defaults": dict(run_defaults or {}),

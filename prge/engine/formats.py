@@ -126,8 +126,11 @@ def check_manifest_fields(manifest: dict, path) -> None:
         if key not in manifest or not ok(manifest[key]):
             raise PrgeError(f"{path}: field {key!r} is {'missing' if key not in manifest else 'not valid (' + _short(manifest[key]) + ')'}",
                             "export the program again with `prge export`")
-    if manifest["copies"] != 2 * manifest["q"]:
-        raise PrgeError(f"{path}: copies ({manifest['copies']}) is not 2·q ({2 * manifest['q']})", "export the program again")
+    ranks = manifest.get("ranks", 1)
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1 or manifest["q"] % ranks:
+        raise PrgeError(f"{path}: field 'ranks' is not valid ({_short(ranks)})", "export the program again with `prge export`")
+    if manifest["copies"] != 2 * manifest["q"] // ranks:
+        raise PrgeError(f"{path}: copies ({manifest['copies']}) is not 2·q/ranks ({2 * manifest['q'] // ranks})", "export the program again")
 
 
 def seal(manifest: dict) -> dict:

@@ -322,6 +322,10 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     tensors, meta = read_dataset(data_path)
     check_manifest(manifest, meta)
     check_data_shapes(tensors, manifest, data_path)
+    if manifest.get("ranks", 1) > 1:
+        raise PrgeError(f"{program_path} is exported for {manifest['ranks']} ranks; the native trainer runs one process",
+                        f"run it with torchrun --nproc-per-node {manifest['ranks']} -m prge device-train (the Python loop), "
+                        "or export a one-process program (--ranks 1) for --native")
     if manifest.get("noise") != "counter":
         raise PrgeError(f"the native trainer runs noise 'counter' programs; this one has {manifest.get('noise')!r}",
                         "re-export with --noise counter, or train without --native")

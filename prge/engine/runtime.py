@@ -30,6 +30,7 @@ nothing but torch, `executorch.runtime` and prge's small pure modules (not the m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -183,7 +184,7 @@ def load_checkpoint(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
         raise PrgeError(f"{state_file} is damaged", "delete the checkpoint folder and start again, or restore it") from None
     tensors = io.load_tensors(folder / "state.safetensors")
     raw, g = tensors.get("raw"), tensors.get("g")
-    size = manifest["copies"] * manifest["total"] + 1
+    size = manifest.get("raw_size", manifest["copies"] * manifest["total"] + 1)
     if raw is None or g is None or raw.shape != (size,) or g.shape != (manifest["q"],) or raw.dtype != torch.float32:
         raise PrgeError(f"{folder}/state.safetensors does not hold this program's state "
                         f"(expected raw ({size},) and g ({manifest['q']},))", "resume with the program that wrote it")
@@ -313,26 +314,54 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
         log("prge: noise 'engine' draws from the runtime's unseeded randn; this run cannot be reproduced or resumed exactly")
     lora_a = io.load_tensors(lora_a_path(program_path))
     started = out_dir.is_dir() and any(out_dir.iterdir())  # a run stopped before its first checkpoint left files
-    with run_lock(out_dir, log=log):
-        return _device_run(program_path, out_dir, manifest, tensors, lora_a, steps=steps, lr=lr, eps=eps, seed=seed,
-                           eval_every=eval_every, resume=resume, normalize=normalize, lr_schedule=lr_schedule,
-                           progress=progress, stop_after=stop_after, checkpoint_every=checkpoint_every, log=log,
-                           started=started, weight_cache=weight_cache)
+    run = {"steps": steps, "lr": lr, "eps": eps, "seed": seed, "eval_every": eval_every, "resume": resume, "normalize": normalize,
+           "lr_schedule": lr_schedule, "progress": progress, "stop_after": stop_after, "checkpoint_every": checkpoint_every}
+    from prge.engine import fleet
+
+    fleet.check_world(manifest, program_path)
+    if manifest.get("ranks", 1) == 1:
+        with run_lock(out_dir, log=log):
+            return _device_run(program_path, out_dir, manifest, tensors, lora_a, **run, log=log, started=started,
+                               weight_cache=weight_cache)
+    import torch.distributed as dist
+
+    settings = {k: v for k, v in run.items() if k not in ("progress", "resume")}
+    share = fleet.join(manifest, program_path, io.tensors_sha256(tensors), settings)
+    try:
+        rank0 = share.rank == 0
+        run["resume"] = fleet.resume_decision(share, resume, out_dir / "checkpoints" / "last", started, log)
+        with run_lock(out_dir, log=log) if rank0 else contextlib.nullcontext():
+            return _device_run(program_path, out_dir, manifest, tensors, lora_a, **run, log=log if rank0 else (lambda m: None),
+                               started=started and rank0, weight_cache=weight_cache, share=share)
+    finally:
+        dist.destroy_process_group()
 
 
 def _device_run(program_path: Path, out_dir: Path, manifest: dict, tensors: dict, lora_a: dict, *, steps, lr, eps, seed,
                 eval_every, resume, normalize, lr_schedule, progress, stop_after, checkpoint_every, log, started,
-                weight_cache=True) -> dict:
-    """`device_train` after its checks, with the run folder locked."""
+                weight_cache=True, share=None) -> dict | None:
+    """`device_train` after its checks, with the run folder locked (by rank 0 of a fleet, `share`,
+    which alone writes; the other ranks return None)."""
     stepper = EngineStepper(Engine(program_path, manifest, weight_cache=weight_cache, log=log), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
                             eps=eps, steps=steps, normalize=normalize, log=log)
     stepper.last = out_dir / "checkpoints" / "last"
-    plan = Plan(steps, eval_every, checkpoint_every, progress, "device-train", stop_after)
+    rank0 = share is None or share.rank == 0
+    plan = Plan(steps, eval_every, checkpoint_every, progress and rank0, "device-train", stop_after, record=rank0)
     last = out_dir / "checkpoints" / "last"
     if resume and not io.resolve_dir(last).is_dir() and started:
         log(f"prge: {out_dir} was stopped before its first checkpoint; starting again at step 0")
         resume = False
+    if share is not None:
+        from prge.engine.fleet import FleetStepper
+
+        stepper = FleetStepper(stepper, share)
+        log(f"prge: device-train on {share.world} processes x {manifest['q'] // share.world} of {manifest['q']} queries -> {out_dir}")
     state = loop.train(stepper, plan, out_dir, last if resume else None, log=log)
+    if share is not None:
+        stepper.check(state["end"])
+        stepper = stepper.inner
+        if not rank0:
+            return None
     if state["stopped"]:
         return {"stopped_at": state["end"], "run_dir": str(out_dir)}
     write_adapter(out_dir / "adapter", manifest, lora_a, stepper.final_b(state["end"]))

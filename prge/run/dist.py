@@ -121,7 +121,6 @@ def check_split(q: int, world: int) -> None:
 def start(cfg: TrainConfig) -> Share:
     """Join the process group (gloo on CPU, NCCL on CUDA), pin this process to its share of the cores."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if cfg.method != "prge":
         raise PrgeError(f"--method {cfg.method} does not run on several processes here", "use --method prge, or start one process")
     if cfg.parallel == "data":
@@ -130,10 +129,19 @@ def start(cfg: TrainConfig) -> Share:
                             "which does not divide evenly", f"pass a --batch-size that is a multiple of {world}")
     else:
         check_split(cfg.q, world)
-    cuda = cfg.device.startswith("cuda")
+    store = join(cfg.dist_timeout, cfg.device, cfg.threads)
+    return Share(rank, world, cfg.q, store, data=cfg.parallel == "data")
+
+
+def join(timeout_s: float, device: str = "cpu", threads: int = 0):
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA), after pinning this process to its
+    share of the machine's cores when `threads` is 0; the job's key-value store."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(local if cfg.device == "cuda" else torch.device(cfg.device))
-    if not cfg.threads:  # my share of this machine's cores
+        torch.cuda.set_device(local if device == "cuda" else torch.device(device))
+    if not threads:  # my share of this machine's cores
         cores = sorted(os.sched_getaffinity(0))
         n = max(1, len(cores) // local_world)
         mine = cores[local * n:(local + 1) * n] if len(cores) >= local_world else cores
@@ -144,17 +152,17 @@ def start(cfg: TrainConfig) -> Share:
         torch.set_num_threads(len(mine))
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
-        timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+        timeout = datetime.timedelta(seconds=timeout_s)
         store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
         # torchrun's store outlives a restart: without a fresh prefix the restarted ranks read the dead
         # ranks' addresses and gloo waits on them
         store = dist.PrefixStore(f"prge/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
-        raise PrgeError(f"rank {rank} could not reach the other ranks at {where} within {cfg.dist_timeout:g} s "
+        raise PrgeError(f"rank {rank} could not reach the other ranks at {where} within {timeout_s:g} s "
                         f"({str(e).splitlines()[0][:120]})",
                         "check the address, the port and the firewall, and that all ranks were started (--dist-timeout sets the wait)") from None
-    return Share(rank, world, cfg.q, store, data=cfg.parallel == "data")
+    return store
 
 
 def fingerprint(cfg: TrainConfig, s) -> dict[str, str]:
@@ -180,13 +188,18 @@ def _gather_ints(share: Share, values: list[int], device) -> torch.Tensor:
 
 
 def check_same_setup(share: Share, cfg: TrainConfig, s) -> None:
-    prints = fingerprint(cfg, s)
+    check_same(share, fingerprint(cfg, s), {f.name for f in dataclasses.fields(cfg)}, s.params[0].device)
+
+
+def check_same(share: Share, prints: dict[str, str], shown: set[str], device="cpu") -> None:
+    """Stop with one line on rank 0 naming the first of `prints` (name -> repr) that differs between
+    the ranks (all-gathered as 64-bit hashes); the value of a name in `shown` is quoted."""
     names = sorted(prints)
-    table = _gather_ints(share, [_hash64(prints[n].encode()) for n in names], s.params[0].device)
+    table = _gather_ints(share, [_hash64(prints[n].encode()) for n in names], device)
     for j, name in enumerate(names):
         differ = [r for r in range(share.world) if table[r, j] != table[0, j]]
         if differ:
-            mine = f" (rank 0: {name} = {prints[name]})" if name in {f.name for f in dataclasses.fields(cfg)} else ""
+            mine = f" (rank 0: {name} = {prints[name]})" if name in shown else ""
             raise quiet_off_rank0(share, PrgeError(
                 f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with other {name} than rank 0{mine}",
                 "start every rank with the same command, data and model files"))

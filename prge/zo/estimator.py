@@ -23,6 +23,9 @@ import math
 
 import torch
 
+from prge.errors import PrgeError
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32, an integer finaliser, in place on an int32 tensor (multiplication wraps mod 2^32).
 
@@ -48,8 +51,12 @@ def stream_keys(key: torch.Tensor, streams: torch.Tensor | int) -> tuple[torch.T
     return k, _mix32(k ^ 0x5BD1E995)
 
 
-def counter_normal_streams(key: torch.Tensor, streams: list[int], n: int) -> torch.Tensor:
-    """(len(streams), n) standard normal noise, row s a pure function of (key, streams[s], index).
+def counter_normal_streams(key: torch.Tensor, streams: list[int], n: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(streams), n) standard normal noise, row s a pure function of (key, streams[s] + first, index).
+
+    `first` (an int tensor of shape (1,), or None for 0) shifts every stream id at run time: an
+    exported program that takes it as an input draws the noise of any block of global query ids
+    (the engine fleet: a rank's queries start at its offset), bit-identical to the same ids drawn here.
 
     Two hash rounds with the key entering each (so streams are not shifted copies of one sequence),
     a 24-bit uniform in (0, 1), and Box–Muller using both the cosine and the sine half. All streams
@@ -57,7 +64,8 @@ def counter_normal_streams(key: torch.Tensor, streams: list[int], n: int) -> tor
     few dozen per (layer, query), and XNNPACK lowering time grows with the node count.
     """
     m = (n + 1) // 2
-    k1, k2 = stream_keys(key, torch.tensor(streams, dtype=torch.int32, device=key.device))
+    ids = torch.tensor(streams, dtype=torch.int32, device=key.device)
+    k1, k2 = stream_keys(key, ids if first is None else ids + first.to(torch.int32))
     x = torch.arange(2 * m, dtype=torch.int32, device=key.device)[None, :] + k1[:, None]
     x = _mix32(x)
     x ^= k2[:, None]
@@ -97,11 +105,16 @@ def query_noise(key: torch.Tensor, tensor_index: int, q: int, shape: tuple[int, 
     return counter_normal_streams(key, streams, math.prod(shape)).reshape(q, *shape)
 
 
-def all_noise(key: torch.Tensor, q: int, shapes: list[tuple[int, ...]], kind: str = "counter") -> list[torch.Tensor]:
+def all_noise(key: torch.Tensor, q: int, shapes: list[tuple[int, ...]], kind: str = "counter",
+              first: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[(q, *shape_j)]: the noise of all q queries for every trained tensor j, under key = [seed, step].
 
     The eager P-RGE step and the exported step both call this; tensors of equal size share one draw.
+    With `first` (a (1,) int tensor, counter noise only) the queries are first .. first + q − 1: the
+    same values as all_noise(key, first + q)[first:], without drawing the others.
     """
+    if first is not None and kind != "counter":
+        raise PrgeError("a query offset needs the counter noise", "use noise 'counter'")
     if kind != "counter":
         return [query_noise(key, j, q, s, kind) for j, s in enumerate(shapes)]
     groups: dict[int, list[int]] = {}
@@ -109,7 +122,7 @@ def all_noise(key: torch.Tensor, q: int, shapes: list[tuple[int, ...]], kind: st
         groups.setdefault(math.prod(s), []).append(j)
     out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
     for n, js in groups.items():
-        z = counter_normal_streams(key, [stream(j, i) for j in js for i in range(q)], n).reshape(len(js), q, n)
+        z = counter_normal_streams(key, [stream(j, i) for j in js for i in range(q)], n, first).reshape(len(js), q, n)
         for t, j in enumerate(js):
             out[j] = z[t].reshape(q, *shapes[j])
     return out

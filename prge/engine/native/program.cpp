@@ -103,6 +103,9 @@ void Program::describe() {
     fail("the program draws its noise with '" + d.noise + "'; the native trainer runs 'counter' programs (re-export with --noise counter)");
   // the methods' own shapes must agree with the description
   auto ts = input_shapes("train_step");
+  if (ts.size() == 10 && module_->method_meta("update").ok())
+    fail(path_ + " is exported for several ranks (prge export --ranks N); the native trainer runs one process: run it with "
+         "torchrun -m prge device-train, or export it with --ranks 1");
   if (ts.size() != 9) fail(path_ + ": train_step takes " + std::to_string(ts.size()) + " inputs, expected 9");
   if (ts[0] != std::vector<int64_t>{d.b, d.T} || ts[1] != std::vector<int64_t>{d.b, d.K} || ts[7] != std::vector<int64_t>{d.q})
     fail(path_ + ": train_step takes input_ids " + shape_str(ts[0]) + ", target_pos " + shape_str(ts[1]) + ", g " + shape_str(ts[7]) +
