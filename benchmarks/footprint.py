@@ -13,7 +13,11 @@ benchmarks/results/footprint.jsonl:
     constant segment, read from the .pte), arena_mb (the largest method's planned memory:
     non_const_buffer_sizes), program_mb (file size), rss_start_mb (runtime / Python+torch+executorch
     imported, before the program), rss_loaded_mb (program, methods and data loaded: the packed
-    weights are made here), target_mb (1.25 x (weights + arena): the native target), machine, date.
+    weights are made here), target_mb (1.25 x (weights + arena): the native target), machine, date;
+    rss_parts (anonymous / file-backed / the program's own file pages at start, after loading (native)
+    and at the end) and the peak broken down from them: bd_runtime_mb, bd_program_file_mb (the mapped
+    constant segment resident), bd_heap_from_program_mb = bd_arena_mb + bd_data_mb +
+    bd_packed_weights_and_other_mb, and bd_transient_mb (what the steps add above the resting memory).
 """
 
 from __future__ import annotations
@@ -34,17 +38,26 @@ RESULTS = ROOT / "benchmarks" / "results" / "footprint.jsonl"
 CACHE = Path(os.environ.get("PRGE_CACHE", Path.home() / ".cache" / "prge")) / "bench" / "footprint"
 
 PY_RUNNER = r"""
-import json, sys
+import json, os, sys
 def rss(key):
     return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) / 1024
+def parts(program):
+    want, mine, mapped = os.path.realpath(program), False, 0.0
+    for line in open("/proc/self/smaps"):
+        if line.startswith("Rss:"):
+            mapped += int(line.split()[1]) / 1024 if mine else 0
+        elif "-" in line.split(" ", 1)[0] and not line.split(" ", 1)[0].endswith(":"):
+            mine = line.rstrip("\n").endswith(want)
+    return {"anon_mb": rss("RssAnon:"), "file_mb": rss("RssFile:"), "program_file_mb": mapped}
 import torch, executorch.runtime
 from prge.engine.runtime import device_train
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
-start = rss("VmRSS:")
+start, start_parts = rss("VmRSS:"), parts(a["program"])
 s = device_train(a["program"], a["data"], a["out"], steps=a["steps"], lr=1e-4, eps=a["eps"], seed=0, eval_every=0,
                  progress=False, weight_cache=a["weight_cache"], log=lambda m: None)
-print(json.dumps({"peak_rss_mb": rss("VmHWM:"), "rss_start_mb": start}))
+print(json.dumps({"peak_rss_mb": rss("VmHWM:"), "rss_start_mb": start,
+                  "rss_parts": {"start": start_parts, "end": parts(a["program"])}}))
 """
 
 
@@ -96,7 +109,25 @@ def run_native(pte: Path, steps: int, eps: float, cache: bool, threads: int, tmp
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stderr=subprocess.DEVNULL)
     info = json.loads((out / "native.json").read_text())
     return {"peak_rss_mb": info["peak_rss_mb"], "step_s": mean_step_s(out), "rss_start_mb": info["rss_start_mb"],
-            "rss_loaded_mb": info["rss_loaded_mb"]}
+            "rss_loaded_mb": info["rss_loaded_mb"], "rss_parts": info.get("rss_parts")}
+
+
+def breakdown(res: dict, sizes: dict, data_mb: float) -> dict:
+    """The peak by what it is made of (MB): the runtime (and, in Python, torch + executorch imported) before
+    the program; the program's file pages resident (the memory-mapped constant segment); the heap the
+    program's loading added (packed weights, planned arenas and the data), split into the planned arenas
+    (from the .pte), the data (its file size) and the rest (XNNPACK's packed weights and the runtime's own
+    allocations); and what the steps added on top (peak − end-of-run resident memory)."""
+    p = res.get("rss_parts") or {}
+    start, end = p.get("start"), p.get("loaded")
+    if not start or not end:  # the Python loop: no reading between loading and the first step
+        return {"bd_runtime_mb": res["rss_start_mb"], "bd_run_added_mb": res["peak_rss_mb"] - res["rss_start_mb"]}
+    heap = end["anon_mb"] - start["anon_mb"]
+    last = p["end"]
+    return {"bd_runtime_mb": res["rss_start_mb"], "bd_program_file_mb": end["program_file_mb"],
+            "bd_heap_from_program_mb": heap, "bd_arena_mb": sizes["arena_mb"], "bd_data_mb": data_mb,
+            "bd_packed_weights_and_other_mb": heap - sizes["arena_mb"] - data_mb,
+            "bd_transient_mb": res["peak_rss_mb"] - (last["anon_mb"] + last["file_mb"])}
 
 
 def run_python(pte: Path, steps: int, eps: float, cache: bool, threads: int, tmp: Path) -> dict:
@@ -133,8 +164,9 @@ def main(argv=None) -> int:
                     res = run(pte, a.steps, eps, cache == "on", a.threads, Path(tmp))
                 manifest = json.loads(Path(str(pte) + ".json").read_text())
                 model = (a.name or manifest["model"]) if a.program else a.model
+                data_mb = pte.with_suffix(".data.safetensors").stat().st_size / 2**20
                 row = {"model": model, "quantize": quantize or "fp32", "weight_cache": cache == "on", "loop": loop,
-                       **res, **sizes, "target_mb": 1.25 * (sizes["weights_mb"] + sizes["arena_mb"]),
+                       **res, **sizes, **breakdown(res, sizes, data_mb), "target_mb": 1.25 * (sizes["weights_mb"] + sizes["arena_mb"]),
                        "steps": a.steps, "threads": a.threads, **{k: manifest[k] for k in ("q", "batch_size", "max_length")},
                        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -163,6 +164,28 @@ double peak_rss_mb() {
 }
 
 double rss_mb() { return status_mb("VmRSS:"); }
+
+RssParts rss_parts(const std::string& mapped_file) {
+  RssParts p;
+  p.anon_mb = status_mb("RssAnon:");
+  p.file_mb = status_mb("RssFile:");
+  char* real = realpath(mapped_file.c_str(), nullptr);
+  std::string want = real ? real : mapped_file;
+  free(real);
+  std::ifstream f("/proc/self/smaps");
+  std::string line;
+  bool mine = false;
+  while (std::getline(f, line)) {
+    if (line.compare(0, 4, "Rss:") == 0) {
+      if (mine) p.mapped_file_mb += std::strtod(line.c_str() + 4, nullptr) / 1024.0;
+    } else if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) && line.find('-') != std::string::npos &&
+               line.find(':') > line.find(' ')) {  // a mapping's header: "start-end perms offset dev inode [path]"
+      size_t slash = line.find('/');
+      mine = slash != std::string::npos && line.compare(slash, std::string::npos, want) == 0;
+    }
+  }
+  return p;
+}
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 

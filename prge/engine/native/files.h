@@ -28,6 +28,12 @@ void append_line(const std::string& path, const std::string& line);
 
 double peak_rss_mb();  // VmHWM of this process
 double rss_mb();       // VmRSS of this process, now
+// what the resident memory is, now: anonymous (heap: packed weights, planned arenas, data, runtime),
+// file-backed (libraries and the memory-mapped program), and the part of that which is `mapped_file`
+struct RssParts {
+  double anon_mb = -1, file_mb = -1, mapped_file_mb = 0;
+};
+RssParts rss_parts(const std::string& mapped_file);
 double now();          // seconds, monotonic
 
 }  // namespace prge

@@ -44,6 +44,7 @@ Loop::Loop(const Options& o)
         if (v < 0 || v >= n_labels_) fail(o_.data + ": class labels outside the program's label words");
   }
   rss_loaded_ = rss_mb();
+  parts_loaded_ = rss_parts(o_.program);
 }
 
 Loop::Eval Loop::evaluate(long g_step) {
@@ -267,6 +268,9 @@ void Loop::finish(long start, long end, double step_time, long timed, double las
                {"dev_after", std::isnan(last_acc) ? json(nullptr) : json(last_acc)}, {"best_dev", best_acc_},
                {"best_step", best_step_}, {"stopped", stopped}, {"weight_cache", o_.weight_cache},
                {"rss_start_mb", rss_start_}, {"rss_loaded_mb", rss_loaded_}};
+  // what the resident memory is made of, at the start, after loading and now (after the last step)
+  auto parts = [](const RssParts& p) { return json{{"anon_mb", p.anon_mb}, {"file_mb", p.file_mb}, {"program_file_mb", p.mapped_file_mb}}; };
+  info["rss_parts"] = {{"start", parts(parts_start_)}, {"loaded", parts(parts_loaded_)}, {"end", parts(rss_parts(o_.program))}};
   if (stopped) {
     save_checkpoint(o_.out + "/checkpoints/last", end);
     atomic_write(o_.out + "/native.json", info.dump(2) + "\n");

@@ -32,6 +32,7 @@ class Loop {
 
   Options o_;
   double rss_start_ = rss_mb();  // the runtime alone, before the program (initialised first)
+  RssParts parts_start_ = rss_parts("");  // the same, by kind
   Program prog_;
   const Description& d_;
   Data data_;
@@ -44,6 +45,7 @@ class Loop {
   long best_step_ = 0;
   bool has_before_ = false;
   double rss_loaded_ = 0;  // after loading the program, its methods and the data
+  RssParts parts_loaded_;  // the same, by kind (rss_parts)
 };
 
 }  // namespace prge
