@@ -68,7 +68,7 @@ def cmd_export(a) -> None:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import write_dataset
+    from prge.engine.formats import QUANTIZED_MIN_EPS, write_dataset
     from prge.run.train import prepare
 
     torch.set_num_threads(a.threads)
@@ -84,7 +84,8 @@ def cmd_export(a) -> None:
         t0 = time.time()
         m = export_program(s.model, s.tokenizer, s.label_ids, q=a.q, batch_size=a.batch_size, max_length=a.max_length,
                            quantize=None if quant == "none" else quant, out_path=out, model_name=a.model, methods=methods,
-                           run_defaults={"eps": cfg.eps, "lr": cfg.lr, "seed": cfg.seed}, log=print)
+                           run_defaults={"eps": cfg.eps if quant == "none" else max(cfg.eps, QUANTIZED_MIN_EPS), "lr": cfg.lr,
+                                         "seed": cfg.seed}, log=print)
         export_s = time.time() - t0
         write_dataset(Path(str(out).removesuffix(".pte") + ".data.safetensors"), s, m)
         record({"kind": "export", "model": a.model, "quantize": quant, "methods": list(methods), "export_s": export_s,
@@ -195,7 +196,13 @@ def cmd_train(a) -> None:
             if (out / "summary.json").is_file():
                 continue
             resume = ["--resume"] if (out / "checkpoints" / "last").is_dir() else []
+            # a quantised program trains at ε >= QUANTIZED_MIN_EPS (programs exported before it was raised recorded less)
+            from prge.engine.formats import QUANTIZED_MIN_EPS
+
+            recorded = json.loads(Path(str(prog) + ".json").read_text()).get("run_defaults", {}).get("eps", 1e-2)
+            eps = recorded if quant == "none" else max(recorded, QUANTIZED_MIN_EPS)
             prge("device-train", "--program", str(prog), "--out", str(out), "--steps", str(a.steps), "--seed", str(seed),
+                 "--eps", str(eps),
                  "--eval-every", str(a.eval_every), "--checkpoint-every", "10", "--no-progress", *resume, *(["--native"] if a.native else []),
                  threads=a.threads)
             s = json.loads((out / "summary.json").read_text())
@@ -203,7 +210,7 @@ def cmd_train(a) -> None:
             secs = [r["seconds"] for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
                     if "seconds" in r and "split" not in r][2:]
             step_s = sum(secs) / max(1, len(secs))
-            record({"kind": "train", "model": a.model, "quantize": quant, "loop": loop, "seed": seed, "steps": a.steps,
+            record({"kind": "train", "model": a.model, "quantize": quant, "loop": loop, "seed": seed, "steps": a.steps, "eps": eps,
                     "lr": s.get("lr"), "program_mb": m["program_bytes"] / 1e6, "step_s": step_s,
                     "tokens_per_s": 2 * m["q"] * m["batch_size"] * m["max_length"] / step_s, "dev_before": s["dev_before"],
                     "dev_after": s["dev_after"], "best_dev": s["best_dev"], "n_dev": a.n_dev, "threads": a.threads,
