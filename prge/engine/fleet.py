@@ -62,7 +62,7 @@ class FleetStepper:
         return self.share.rank == 0
 
     def start(self):
-        return self._after_rank0("start", self.inner.start if self.rank0 else lambda: (None, None))
+        return rdist.after_rank0(self.share, "start", self.inner.start if self.rank0 else lambda: (None, None))
 
     def step(self, step: int) -> tuple[float, float]:
         s, m = self.inner, self.inner.m
@@ -78,7 +78,7 @@ class FleetStepper:
                 "lower --lr or --eps and resume, or start again"))
         g = est.projected_grad(losses[:q], losses[q:], s.eps, s.normalize)
         s.engine("update", g, _f(s.lr_of(step)), key)
-        rdist._kill_hook(self.share, step)
+        rdist.kill_hook(self.share, step)
         if self.check_every and step % self.check_every == 0:
             self.check(step)
         return float(losses.mean()), float(g.abs().mean())
@@ -88,7 +88,7 @@ class FleetStepper:
         rdist.check_in_step(self.share, [self.inner.final_b(step)], step)
 
     def evaluate(self, step: int):
-        return self._after_rank0(f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
+        return rdist.after_rank0(self.share, f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
 
     def save(self, folder: Path, step: int, state: dict) -> None:
         if self.rank0:
@@ -103,14 +103,6 @@ class FleetStepper:
         if not self.rank0:
             self.inner.engine("write_raw", raw)
         return saved[0]
-
-    def _after_rank0(self, name: str, work):
-        out = work()
-        if self.rank0:
-            self.share.store.set(name, "done")
-        else:
-            self.share.store.wait([name], rdist.EVAL_WAIT)
-        return out
 
 
 def join(manifest: dict, program_path, tensors_sha: str, settings: dict, threads: int = 0) -> Share:

@@ -230,7 +230,18 @@ def quiet_off_rank0(share: Share, e: PrgeError) -> PrgeError:
     return e
 
 
-def _kill_hook(share: Share, step: int) -> None:
+def after_rank0(share: Share, name: str, work):
+    """Run `work`; the other ranks then wait for rank 0's without the exchange's time limit (an
+    evaluation can take longer than --dist-timeout; if rank 0 dies, torchrun stops them)."""
+    out = work()
+    if share.rank == 0:
+        share.store.set(name, "done")
+    else:
+        share.store.wait([name], EVAL_WAIT)
+    return out
+
+
+def kill_hook(share: Share, step: int) -> None:
     """PRGE_KILL_AT="RANK:STEP" SIGKILLs that rank after that step in a run's first attempt (fault tests)."""
     spec = os.environ.get("PRGE_KILL_AT")
     if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -264,31 +275,21 @@ class DistStepper:
 
     def start(self):
         self.broadcast_weights()
-        return self.after_rank0("start", self.inner.start if self.rank0 else lambda: (None, None))
+        return after_rank0(self.share, "start", self.inner.start if self.rank0 else lambda: (None, None))
 
     def step(self, step: int):
         try:
             out = self.inner.step(step)
         except PrgeError as e:  # a non-finite loss: every rank has the same losses, rank 0 says it
             raise quiet_off_rank0(self.share, e)
-        _kill_hook(self.share, step)
+        kill_hook(self.share, step)
         _drift_hook(self.share, self.inner.s.params, step)
         if self.check_every and step % self.check_every == 0:
             check_in_step(self.share, self.inner.s.params, step)
         return out
 
     def evaluate(self, step: int):
-        return self.after_rank0(f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
-
-    def after_rank0(self, name: str, work):
-        """Run `work`; the other ranks then wait for rank 0's without the exchange's time limit (an
-        evaluation can take longer than --dist-timeout; if rank 0 dies, torchrun stops them)."""
-        out = work()
-        if self.rank0:
-            self.share.store.set(name, "done")
-        else:
-            self.share.store.wait([name], EVAL_WAIT)
-        return out
+        return after_rank0(self.share, f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
 
     def save(self, folder: Path, step: int, state: dict) -> None:
         if self.rank0:
