@@ -16,8 +16,9 @@ benchmarks/results/footprint.jsonl:
     weights are made here), target_mb (1.25 x (weights + arena): the native target), machine, date;
     rss_parts (anonymous / file-backed / the program's own file pages at start, after loading (native)
     and at the end) and the peak broken down from them: bd_runtime_mb, bd_program_file_mb (the mapped
-    constant segment resident), bd_heap_from_program_mb = bd_arena_mb + bd_data_mb +
-    bd_packed_weights_and_other_mb, and bd_transient_mb (what the steps add above the resting memory).
+    constant segment resident), bd_data_mb and bd_packed_weights_and_other_mb (the heap loading added),
+    bd_running_added_mb (peak − after loading: the planned arenas' pages and XNNPACK's workspace) beside
+    bd_arena_mb; see `breakdown`.
 """
 
 from __future__ import annotations
@@ -116,20 +117,19 @@ def run_native(pte: Path, steps: int, eps: float, cache: bool, threads: int, tmp
 
 def breakdown(res: dict, sizes: dict, data_mb: float) -> dict:
     """The peak by what it is made of (MB): the runtime (and, in Python, torch + executorch imported) before
-    the program; the program's file pages resident (the memory-mapped constant segment); the heap the
-    program's loading added (packed weights, planned arenas and the data), split into the planned arenas
-    (from the .pte), the data (its file size) and the rest (XNNPACK's packed weights and the runtime's own
-    allocations); and what the steps added on top (peak − end-of-run resident memory)."""
+    the program; the program's file pages resident after loading (the memory-mapped constant segment);
+    the heap loading added: the data (its file size) and the rest, which is XNNPACK's packed weights and
+    the runtime's own allocations (the planned arenas are allocated then but their pages become resident
+    only when a method first runs); and what running the methods added up to the peak (the planned arenas'
+    pages, bd_arena_mb from the .pte for comparison, and XNNPACK's workspace)."""
     p = res.get("rss_parts") or {}
-    start, end = p.get("start"), p.get("loaded")
-    if not start or not end:  # the Python loop: no reading between loading and the first step
+    start, loaded = p.get("start"), p.get("loaded")
+    if not start or not loaded:  # the Python loop: no reading between loading and the first step
         return {"bd_runtime_mb": res["rss_start_mb"], "bd_run_added_mb": res["peak_rss_mb"] - res["rss_start_mb"]}
-    heap = end["anon_mb"] - start["anon_mb"]
-    last = p["end"]
-    return {"bd_runtime_mb": res["rss_start_mb"], "bd_program_file_mb": end["program_file_mb"],
-            "bd_heap_from_program_mb": heap, "bd_arena_mb": sizes["arena_mb"], "bd_data_mb": data_mb,
-            "bd_packed_weights_and_other_mb": heap - sizes["arena_mb"] - data_mb,
-            "bd_transient_mb": res["peak_rss_mb"] - (last["anon_mb"] + last["file_mb"])}
+    heap = loaded["anon_mb"] - start["anon_mb"]
+    return {"bd_runtime_mb": res["rss_start_mb"], "bd_program_file_mb": loaded["program_file_mb"],
+            "bd_data_mb": data_mb, "bd_packed_weights_and_other_mb": heap - data_mb,
+            "bd_running_added_mb": res["peak_rss_mb"] - res["rss_loaded_mb"], "bd_arena_mb": sizes["arena_mb"]}
 
 
 def run_python(pte: Path, steps: int, eps: float, cache: bool, threads: int, tmp: Path) -> dict:
