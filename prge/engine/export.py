@@ -20,6 +20,10 @@ copies of B) into one `.pte` with these methods, all sharing the program's mutab
     evaluate(input_ids, target_pos, target_ids, target_mask, g, lr) -> (loss_sum (N,), correct (N,))
                                          per-example summed answer CE and correct tokens (loss "lm")
 
+A program exported with `ranks` > 1 is one rank's part of an engine fleet (`StepProgram.fleet`,
+`prge.engine.fleet`): train_step takes the rank's first global query id as a last input, a method
+`update(g, lr, key)` applies the update from all q values of g, and the state is the clean B.
+
 The host keeps only the step number and g_i = (L⁺_i − L⁻_i)/2ε (one scalar per query), computed
 from the returned losses and passed to the next call; `prge.engine.runtime` is that loop. Everything
 numeric is `prge.zo.estimator`, the same functions the eager trainer calls, so with `noise="counter"`
@@ -141,7 +145,7 @@ class StepProgram(nn.Module):
 
     def _clean(self, g: torch.Tensor, lr: torch.Tensor) -> list[torch.Tensor]:
         """Clean B of every layer with the pending update (g of the last step) applied."""
-        if self.fleet:  # updated by `update` already; + 0·lr keeps the (ignored) input in the graph
+        if self.fleet:  # updated by `update` already; + 0·lr keeps the ignored (always finite) input in the graph
             return [c + 0.0 * lr for c in self._cleans()]
         out = []
         for m in self._layers():
@@ -158,12 +162,9 @@ class StepProgram(nn.Module):
         return [part.reshape(self.q, *s) for part, s in zip(torch.split(z, sizes, dim=1), self.shapes)]
 
     def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
-        if self.fleet:  # z is then the rank's first global query id
-            clean = self._clean(g, lr)
-            zs = est.all_noise(key, self.q, self.shapes, first=z)
-        else:
-            clean = self._clean(g, lr)
-            zs = self._noise(key, z)
+        clean = self._clean(g, lr)
+        # a fleet program's last input is the rank's first global query id
+        zs = est.all_noise(key, self.q, self.shapes, first=z) if self.fleet else self._noise(key, z)
         for m, b, zz in zip(self._layers(), clean, zs):
             m.copies.copy_(est.perturbed(b, zz, eps, "+-"))
         self.eps_prev.copy_(eps)

@@ -316,14 +316,15 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     started = out_dir.is_dir() and any(out_dir.iterdir())  # a run stopped before its first checkpoint left files
     run = {"steps": steps, "lr": lr, "eps": eps, "seed": seed, "eval_every": eval_every, "resume": resume, "normalize": normalize,
            "lr_schedule": lr_schedule, "progress": progress, "stop_after": stop_after, "checkpoint_every": checkpoint_every}
-    from prge.engine import fleet
-
-    fleet.check_world(manifest, program_path)
-    if manifest.get("ranks", 1) == 1:
+    if manifest.get("ranks", 1) == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process
         with run_lock(out_dir, log=log):
             return _device_run(program_path, out_dir, manifest, tensors, lora_a, **run, log=log, started=started,
                                weight_cache=weight_cache)
     import torch.distributed as dist
+
+    from prge.engine import fleet
+
+    fleet.check_world(manifest, program_path)  # a fleet program alone, or a one-process program under torchrun
 
     settings = {k: v for k, v in run.items() if k not in ("progress", "resume")}
     share = fleet.join(manifest, program_path, io.tensors_sha256(tensors), settings)
