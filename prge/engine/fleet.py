@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.runtime import EngineStepper, _f, _rows
+from prge.engine.runtime import EngineStepper, scalar, split_rows
 from prge.errors import PrgeError
 from prge.run import dist as rdist
 from prge.run.dist import Share, quiet_off_rank0
@@ -67,17 +67,17 @@ class FleetStepper:
     def step(self, step: int) -> tuple[float, float]:
         s, m = self.inner, self.inner.m
         q, mine = m["q"], m["q"] // m["ranks"]
-        batch = _rows(s.tensors, "train", step_indices(s.n_train, m["batch_size"], s.seed, step))
+        batch = split_rows(s.tensors, "train", step_indices(s.n_train, m["batch_size"], s.seed, step))
         key = torch.tensor([s.seed, step], dtype=torch.int64)
         first = torch.tensor([self.share.rank * mine], dtype=torch.int64)
-        local = s.engine("train_step", *batch, _f(0.0), _f(s.eps), torch.zeros(q), key, first)[0]
+        local = s.engine("train_step", *batch, scalar(0.0), scalar(s.eps), torch.zeros(q), key, first)[0]
         losses = self.share.gather(local)
         if not torch.isfinite(losses).all():
             raise quiet_off_rank0(self.share, PrgeError(
                 f"non-finite loss at step {step} ({losses.tolist()}); the last good checkpoint is kept in {s.last}",
                 "lower --lr or --eps and resume, or start again"))
         g = est.projected_grad(losses[:q], losses[q:], s.eps, s.normalize)
-        s.engine("update", g, _f(s.lr_of(step)), key)
+        s.engine("update", g, scalar(s.lr_of(step)), key)
         rdist.kill_hook(self.share, step)
         if self.check_every and step % self.check_every == 0:
             self.check(step)

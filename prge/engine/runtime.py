@@ -101,7 +101,8 @@ class Engine:
         return list(self.methods[method].execute(list(inputs)))
 
 
-def _f(x: float) -> torch.Tensor:
+def scalar(x: float) -> torch.Tensor:
+    """A float input of shape (1,) (lr, ε), as the program's methods take them."""
     return torch.tensor([x], dtype=torch.float32)
 
 
@@ -112,7 +113,8 @@ def host_noise(manifest: dict, key: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _rows(tensors: dict, split: str, idx: list[int] | torch.Tensor) -> list[torch.Tensor]:
+def split_rows(tensors: dict, split: str, idx: list[int] | torch.Tensor) -> list[torch.Tensor]:
+    """The rows `idx` of a split of the program's data, as train_step / evaluate take them."""
     idx = torch.as_tensor(idx, dtype=torch.long)
     out = []
     for f in SPLIT_FIELDS:
@@ -135,9 +137,9 @@ def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: s
         idx = list(range(start, min(start + N, n)))
         k = len(idx)
         idx = idx + [idx[0]] * (N - k)  # the method's batch is static: fill with a repeat, ignore it
-        ids, pos, tids, mask, label = _rows(tensors, split, idx)
+        ids, pos, tids, mask, label = split_rows(tensors, split, idx)
         if m["label_ids"] is not None:
-            scores = engine("evaluate", ids, pos[:, :1].contiguous(), g, _f(lr))[0][:k]
+            scores = engine("evaluate", ids, pos[:, :1].contiguous(), g, scalar(lr))[0][:k]
             pred = scores.argmax(-1)
             correct += float((pred == label[:k]).sum())
             counts += torch.bincount(pred, minlength=len(counts)).float()
@@ -145,7 +147,7 @@ def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: s
             loss += float((lse - scores.gather(1, label[:k, None]).squeeze(1)).sum())
             tokens += k
         else:
-            ce, right = engine("evaluate", ids, pos, tids, mask, g, _f(lr))[:2]
+            ce, right = engine("evaluate", ids, pos, tids, mask, g, scalar(lr))[:2]
             correct += float(right[:k].sum())
             loss += float(ce[:k].sum())
             tokens += float(mask[:k].sum())
@@ -163,7 +165,7 @@ def save_checkpoint(folder: Path, engine: Engine, lora_a: dict, step: int, g: to
     """The raw program state (bit-exact resume) + g + step, and the adapter of this step (its pending
     update folded in at `lr`), atomically."""
     raw = engine("read_raw")[0]
-    b = engine("read_state", g, _f(lr))[0]
+    b = engine("read_state", g, scalar(lr))[0]
     with io.atomic_dir(folder) as tmp:
         tmp = Path(tmp)
         io.save_tensors(tmp / "state.safetensors", {"raw": raw, "g": g})
@@ -233,10 +235,10 @@ class EngineStepper:
 
     def step(self, step: int) -> tuple[float, float]:
         q = self.m["q"]
-        batch = _rows(self.tensors, "train", step_indices(self.n_train, self.m["batch_size"], self.seed, step))
+        batch = split_rows(self.tensors, "train", step_indices(self.n_train, self.m["batch_size"], self.seed, step))
         key = torch.tensor([self.seed, step], dtype=torch.int64)
         extra = [host_noise(self.m, key)] if self.m["noise"] == "host" else []
-        losses = self.engine("train_step", *batch, _f(self.lr_of(step - 1)), _f(self.eps), self.g, key, *extra)[0]
+        losses = self.engine("train_step", *batch, scalar(self.lr_of(step - 1)), scalar(self.eps), self.g, key, *extra)[0]
         if not torch.isfinite(losses).all():
             raise PrgeError(f"non-finite loss at step {step} ({losses.tolist()}); the last good checkpoint is kept in {self.last}",
                             "lower --lr or --eps and resume, or start again")
@@ -260,7 +262,7 @@ class EngineStepper:
 
     def final_b(self, step: int) -> torch.Tensor:
         """The clean B after `step`, its pending update folded in, flattened in manifest order."""
-        return self.engine("read_state", self.g, _f(self.lr_of(step)))[0]
+        return self.engine("read_state", self.g, scalar(self.lr_of(step)))[0]
 
 
 def check_loop_settings(**settings) -> None:
