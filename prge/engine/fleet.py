@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from prge import io
 from prge.data.batch import step_indices
-from prge.engine.runtime import EngineStepper, scalar, split_rows
+from prge.engine.runtime import scalar, split_rows
 from prge.errors import PrgeError
 from prge.run import dist as rdist
 from prge.run.dist import Share, quiet_off_rank0
@@ -50,19 +50,12 @@ def check_world(manifest: dict, program_path) -> None:
 
 
 @dataclass
-class FleetStepper:
-    """`prge.run.loop.Stepper` for one rank of an engine fleet (see the module docstring)."""
+class FleetStepper(rdist.DistStepper):
+    """`prge.run.loop.Stepper` for one rank of an engine fleet (see the module docstring): `prge train`'s
+    rank stepper (rank 0 evaluates and saves, the others wait; a checkpoint is read by rank 0 and its
+    trained values broadcast) with the program's step and its state in place of the eager ones."""
 
-    inner: EngineStepper
-    share: Share
-    check_every: int = 50
-
-    @property
-    def rank0(self) -> bool:
-        return self.share.rank == 0
-
-    def start(self):
-        return rdist.after_rank0(self.share, "start", self.inner.start if self.rank0 else lambda: (None, None))
+    check_every: int = 50  # `inner` is the rank's EngineStepper; `lora` stays empty (the program holds B)
 
     def step(self, step: int) -> tuple[float, float]:
         s, m = self.inner, self.inner.m
@@ -87,22 +80,13 @@ class FleetStepper:
         """Stop if the ranks' B differ after `step` (`prge.run.dist.check_in_step`)."""
         rdist.check_in_step(self.share, [self.inner.final_b(step)], step)
 
-    def evaluate(self, step: int):
-        return rdist.after_rank0(self.share, f"eval{step}", lambda: self.inner.evaluate(step) if self.rank0 else None)
-
-    def save(self, folder: Path, step: int, state: dict) -> None:
-        if self.rank0:
-            self.inner.save(folder, step, state)
-
-    def load(self, folder: Path) -> dict:
-        """Rank 0 reads the checkpoint; every rank gets its state (the clean B) and trainer state."""
-        saved = [self.inner.load(folder) if self.rank0 else None]
-        dist.broadcast_object_list(saved, src=0)
+    @torch.no_grad()
+    def broadcast_weights(self) -> None:
+        """Rank 0's program state (the clean B and ε) into every rank's program."""
         raw = self.inner.engine("read_raw")[0]
         dist.broadcast(raw, src=0)
         if not self.rank0:
             self.inner.engine("write_raw", raw)
-        return saved[0]
 
 
 def join(manifest: dict, program_path, tensors_sha: str, settings: dict, threads: int = 0) -> Share:
