@@ -167,14 +167,13 @@ def cmd_export(args) -> int:
     import dataclasses as dc
     from pathlib import Path
 
+    from prge.config import TrainConfig
     from prge.engine.export import export_program
     from prge.engine.formats import QUANTIZED_MIN_EPS, RUN_DEFAULTS, write_dataset
     from prge.log import say
     from prge.run.train import prepare
 
     cfg = dc.replace(build_config(args), method="prge", tune="lora-fa", dtype="float32")
-    from prge.config import TrainConfig
-
     default_eps = getattr(args, "eps", None) is None and cfg.eps == TrainConfig().eps  # not given, not in --config
     if args.quantize != "none" and default_eps and cfg.eps < QUANTIZED_MIN_EPS:  # then the smallest that works
         say(f"prge export: a {args.quantize} base needs eps >= {QUANTIZED_MIN_EPS:g}; recording eps {QUANTIZED_MIN_EPS:g} "

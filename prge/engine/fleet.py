@@ -89,9 +89,9 @@ class FleetStepper(rdist.DistStepper):
             self.inner.engine("write_raw", raw)
 
 
-def join(manifest: dict, program_path, tensors_sha: str, settings: dict, threads: int = 0) -> Share:
-    """Join the fleet's process group and check that every rank runs the same program, data and settings."""
-    check_world(manifest, program_path)
+def join(manifest: dict, tensors_sha: str, settings: dict, threads: int = 0) -> Share:
+    """Join the fleet's process group and check that every rank runs the same program, data and settings
+    (after `check_world`, which `device_train` calls first)."""
     store = rdist.join(DIST_TIMEOUT, "cpu", threads)
     share = Share(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), manifest["q"], store)
     prints = {"program": manifest.get("program_sha256") or "", "data": tensors_sha, **{k: repr(v) for k, v in settings.items()}}

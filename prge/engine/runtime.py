@@ -329,7 +329,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     fleet.check_world(manifest, program_path)  # a fleet program alone, or a one-process program under torchrun
 
     settings = {k: v for k, v in run.items() if k not in ("progress", "resume")}
-    share = fleet.join(manifest, program_path, io.tensors_sha256(tensors), settings)
+    share = fleet.join(manifest, io.tensors_sha256(tensors), settings)
     try:
         rank0 = share.rank == 0
         run["resume"] = fleet.resume_decision(share, resume, out_dir / "checkpoints" / "last", started, log)
