@@ -11,12 +11,19 @@ Parts (each appends raw rows to benchmarks/results/distributed.jsonl):
               (torchrun) at the same global q; and 1 process x 1 thread at q/2 and q/4 (one rank's
               compute alone, for the projection), and 1 process x 1 thread at q. The median per-step seconds from metrics.jsonl (rank 0),
               step 1 left out.
+  tta         time-to-accuracy with N x queries, SmolLM2-135M on SST-2 from the earlier prompt: q = 4 on 1 rank
+              (1 process x 1 thread, lr 3e-3) against q = 8 on 2 ranks (2 processes x 1 thread, lr 6e-3: the
+              best lr grows with q, lr* = q·rho/tr(H) in docs/optimiser.md section 6), --tta-steps steps each,
+              dev (--tta-dev rows) every --tta-eval-every steps and test at the end. The time axis is the
+              training wall time (the sum of the step times in rank 0's metrics.jsonl): the evaluations are
+              the same in both runs and are left out. One rank = one core here, as one machine would be.
   projection  (no measurement: --render) per-rank step time t(k) = c0 + c1·k fitted to the 1-thread runs
               (k queries per rank), plus a ring all-gather of W-1 hops of the measured 2-rank loopback
               latency: T(W) = t(k) + (W-1)·α. Printed for W = 8..64 at k = q/2 per rank.
 
     python benchmarks/distributed.py --parts allgather
     nohup python benchmarks/distributed.py --parts steps > /tmp/dist.log 2>&1 &
+    nohup python benchmarks/distributed.py --parts tta > /tmp/tta.log 2>&1 &      # ~45 min, both cores
     python benchmarks/distributed.py --render
 """
 
@@ -166,12 +173,74 @@ def steps(model: str, q: int, n: int, only: list[int] | None = None) -> None:
                    "step_seconds": secs, "median_step_s": statistics.median(secs[1:]), "wall_s": time.time() - t})
 
 
+# ------------------------------------------------------------------------------------------------ tta
+
+TTA = [("q = 4 on 1 rank", 1, 4, "3e-3"), ("q = 8 on 2 ranks", 2, 8, "6e-3")]
+
+
+def tta(steps_n: int, eval_every: int, n_dev: int, seed: int, runs: Path) -> None:
+    """Each variant is one resumable run folder under `runs` (a killed run continues exactly)."""
+    sys.path.insert(0, str(ROOT))
+    from prge.data.classification import EARLIER_SST2_TEMPLATE
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name, procs, q, lr in TTA:
+        out = runs / f"tta-q{q}-w{procs}-s{seed}"
+        args = ["train", "--model", "smollm2-135m", "--task", "sst2", "--template", EARLIER_SST2_TEMPLATE, "--q", str(q),
+                "--lr", lr, "--steps", str(steps_n), "--eval-every", str(eval_every), "--n-dev", str(n_dev),
+                "--seed", str(seed), "--no-progress", "--out", str(out)]
+        if (out / "checkpoints" / "last").is_dir() and not (out / "summary.json").is_file():
+            args += ["--resume", str(out)]
+        if not (out / "summary.json").is_file():
+            if procs == 1:
+                cmd = [sys.executable, "-m", "prge", *args, "--threads", "1"]
+            else:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--rdzv-backend",
+                       "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge", *args]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr[-2000:], file=sys.stderr)
+                continue
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        clock, curve = 0.0, []
+        for r in rows:
+            if "split" in r:
+                curve.append({"step": r["step"], "train_s": round(clock, 1), "dev_accuracy": r["accuracy"], "dev_loss": r["loss"]})
+            else:
+                clock += r["seconds"]
+        write({"part": "tta", "variant": name, "processes": procs, "threads_per_process": 1, "q": q, "lr": float(lr),
+               "model": "smollm2-135m", "task": "sst2 (earlier prompt)", "steps": steps_n, "seed": seed, "n_dev": n_dev,
+               "curve": curve, "median_step_s": statistics.median(r["seconds"] for r in rows if "split" not in r),
+               **{k: summary.get(k) for k in ("test_before", "test_after_last", "test_after_best", "best_step", "minutes")}})
+
+
 # ------------------------------------------------------------------------------------------------ render
 
 
 def newest(rows: list[dict], **match) -> dict | None:
     found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
     return found[-1] if found else None
+
+
+def render_tta(rows: list[dict]) -> None:
+    runs = {r["variant"]: r for r in rows if r["part"] == "tta"}  # the newest row of each variant
+    if not runs:
+        return
+    print("\n| variant | lr | step (median) | dev accuracy (loss) at training minutes … | test before → after (best dev) |"
+          "\n|---|---|---|---|---|")
+    for r in runs.values():
+        pts = ", ".join(f"{c['train_s'] / 60:.1f} min: {100 * c['dev_accuracy']:.1f} ({c['dev_loss']:.4f})" for c in r["curve"])
+        print(f"| {r['variant']} | {r['lr']:g} | {r['median_step_s']:.2f} s | {pts} | "
+              f"{100 * r['test_before']:.1f} → {100 * r['test_after_best']:.1f} |")
+    one, two = runs.get(TTA[0][0]), runs.get(TTA[1][0])
+    if one and two:
+        # the first dev loss the 1-rank run reaches at its end, and when the 2-rank run first reached it
+        target = one["curve"][-1]["dev_loss"]
+        t1 = one["curve"][-1]["train_s"]
+        hit = next((c["train_s"] for c in two["curve"] if c["dev_loss"] <= target), None)
+        print(f"\n1 rank reaches dev loss {target:.4f} after {t1 / 60:.1f} training minutes; 2 ranks (q = 8) "
+              + (f"after {hit / 60:.1f} ({t1 / hit:.2f}x sooner)" if hit else "not within its run"))
 
 
 def render() -> None:
@@ -181,30 +250,36 @@ def render() -> None:
         if r["part"] == "allgather":
             print(f"| {r['world']} | {r['q']} | {r['payload_bytes_per_rank']} B | {r['payload_bytes_per_step']} B | "
                   f"{r['median_us']:.0f} µs | {r['p90_us']:.0f} µs |")
-    st = [r for r in rows if r["part"] == "steps"]
-    if not st:
-        return
+    render_tta(rows)
+    for model in dict.fromkeys(r["model"] for r in rows if r["part"] == "steps"):
+        render_steps([r for r in rows if r["part"] == "steps" and r["model"] == model], rows, model)
+
+
+def render_steps(st: list[dict], rows: list[dict], model: str) -> None:
+    """One model's step-time rows (the newest of each variant and q), the 2-process speed-up and the projection."""
+    newest_of = {(r["processes"], r["threads_per_process"], r["q"]): r for r in st}
     q = max(r["q"] for r in st)
-    one = newest(st, processes=1, threads_per_process=2, q=q)
-    two = newest(st, processes=2, q=q)
-    print("\n| variant | q | step (median) |\n|---|---|---|")
-    for r in st:
-        print(f"| {r['variant']} | {r['q']} | {r['median_step_s']:.2f} s |")
-    serial = newest(st, processes=1, threads_per_process=1, q=q)
+    one, two, serial = newest_of.get((1, 2, q)), newest_of.get((2, 1, q)), newest_of.get((1, 1, q))
+    print(f"\n{model}\n\n| processes x threads | q (global) | queries per process | step (median) | load (1 min) |\n|---|---|---|---|---|")
+    for (procs, threads, qq), r in sorted(newest_of.items()):
+        print(f"| {procs} x {threads} | {qq} | {qq // procs} | {r['median_step_s']:.2f} s | {r.get('load_avg_1min', 0):.1f} |")
     for base, what in ((one, "1 process x 2 threads"), (serial, "1 process x 1 thread")):
         if base and two:
             speedup = base["median_step_s"] / two["median_step_s"]
             print(f"\nat q = {q}, 2 processes x 1 thread against {what}: speed-up {speedup:.2f}"
                   + (f", efficiency {speedup / 2:.2f} of 2 cores" if base is serial else ""))
-    k1 = newest(st, processes=1, threads_per_process=1, q=max(1, q // 4))
-    k2 = newest(st, processes=1, threads_per_process=1, q=q // 2)
+    # per-rank compute t(k) = c0 + c1·k, least squares over the 1-thread runs (k = queries in the process)
+    pts = [(k, r["median_step_s"]) for (procs, threads, k), r in newest_of.items() if procs == 1 and threads == 1]
     ag = newest(rows, part="allgather", world=2, q=q)
-    if k1 and k2 and ag and k2["q"] != k1["q"]:
-        c1 = (k2["median_step_s"] - k1["median_step_s"]) / (k2["q"] - k1["q"])
-        c0 = k1["median_step_s"] - c1 * k1["q"]
+    if len(pts) >= 2 and ag:
+        mk = sum(k for k, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        c1 = sum((k - mk) * (t - mt) for k, t in pts) / sum((k - mk) ** 2 for k, _ in pts)
+        c0 = mt - c1 * mk
         alpha = ag["median_us"] * 1e-6
         k = q // 2
-        print(f"\nprojection (t(k) = {c0:.2f} + {c1:.2f}·k s, α = {alpha * 1e6:.0f} µs per hop, ring all-gather of W-1 hops):")
+        print(f"\nprojection (t(k) = {c0:.2f} + {c1:.2f}·k s fitted to k = {sorted(k for k, _ in pts)}, α = {alpha * 1e6:.0f} µs "
+              "per hop, ring all-gather of W-1 hops):")
         print("| ranks W | q = k·W | step | queries/s | efficiency |\n|---|---|---|---|---|")
         for w in (8, 16, 32, 64):
             t = c0 + c1 * k + (w - 1) * alpha
@@ -213,7 +288,7 @@ def render() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["allgather", "steps"], choices=["allgather", "steps"])
+    ap.add_argument("--parts", nargs="+", default=["allgather", "steps"], choices=["allgather", "steps", "tta"])
     ap.add_argument("--worlds", type=int, nargs="+", default=[2], help="processes for the all-gather part")
     ap.add_argument("--qs", type=int, nargs="+", default=[4, 8, 16, 64], help="global queries for the all-gather part")
     ap.add_argument("--iters", type=int, default=1000, help="timed all-gathers per q")
@@ -222,6 +297,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="training steps per variant (the first is not counted)")
     ap.add_argument("--variants", type=int, nargs="+", help="steps part: only these of the variants, by index "
                     "(0: 1 process x 2 threads, 1: 2 processes x 1 thread, 2: 1x1 at q/2, 3: 1x1 at q/4, 4: 1x1 at q)")
+    ap.add_argument("--tta-steps", type=int, default=200, help="tta part: training steps per variant")
+    ap.add_argument("--tta-eval-every", type=int, default=25, help="tta part: dev evaluation every N steps")
+    ap.add_argument("--tta-dev", type=int, default=200, help="tta part: dev rows")
+    ap.add_argument("--seed", type=int, default=0, help="tta part: seed")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "distributed", help="tta part: run folders (resumable)")
     ap.add_argument("--render", action="store_true", help="only print the tables from the JSONL")
     a = ap.parse_args()
     if not a.render:
@@ -229,6 +309,8 @@ def main() -> None:
             allgather(a.worlds, a.qs, a.iters)
         if "steps" in a.parts:
             steps(a.model, a.q, a.steps, a.variants)
+        if "tta" in a.parts:
+            tta(a.tta_steps, a.tta_eval_every, a.tta_dev, a.seed, a.runs)
     render()
 
 
