@@ -235,12 +235,24 @@ def render_tta(rows: list[dict]) -> None:
               f"{100 * r['test_before']:.1f} → {100 * r['test_after_best']:.1f} |")
     one, two = runs.get(TTA[0][0]), runs.get(TTA[1][0])
     if one and two:
-        # the first dev loss the 1-rank run reaches at its end, and when the 2-rank run first reached it
-        target = one["curve"][-1]["dev_loss"]
-        t1 = one["curve"][-1]["train_s"]
-        hit = next((c["train_s"] for c in two["curve"] if c["dev_loss"] <= target), None)
+        target, t1, hit = sooner(one["curve"], two["curve"])
         print(f"\n1 rank reaches dev loss {target:.4f} after {t1 / 60:.1f} training minutes; 2 ranks (q = 8) "
               + (f"after {hit / 60:.1f} ({t1 / hit:.2f}x sooner)" if hit else "not within its run"))
+
+
+def sooner(one: list[dict], two: list[dict]) -> tuple[float, float, float | None]:
+    """(the dev loss `one` ends its run at, its training seconds then, the training seconds at which
+    `two` first reached that loss or None); curves are [{"train_s", "dev_loss"}, ...] in step order."""
+    target, t1 = one[-1]["dev_loss"], one[-1]["train_s"]
+    return target, t1, next((c["train_s"] for c in two if c["dev_loss"] <= target), None)
+
+
+def fit_line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (c0, c1) of t = c0 + c1·k over (k, t) points."""
+    mk = sum(k for k, _ in pts) / len(pts)
+    mt = sum(t for _, t in pts) / len(pts)
+    c1 = sum((k - mk) * (t - mt) for k, t in pts) / sum((k - mk) ** 2 for k, _ in pts)
+    return mt - c1 * mk, c1
 
 
 def render() -> None:
@@ -272,10 +284,7 @@ def render_steps(st: list[dict], rows: list[dict], model: str) -> None:
     pts = [(k, r["median_step_s"]) for (procs, threads, k), r in newest_of.items() if procs == 1 and threads == 1]
     ag = newest(rows, part="allgather", world=2, q=q)
     if len(pts) >= 2 and ag:
-        mk = sum(k for k, _ in pts) / len(pts)
-        mt = sum(t for _, t in pts) / len(pts)
-        c1 = sum((k - mk) * (t - mt) for k, t in pts) / sum((k - mk) ** 2 for k, _ in pts)
-        c0 = mt - c1 * mk
+        c0, c1 = fit_line(pts)
         alpha = ag["median_us"] * 1e-6
         k = q // 2
         print(f"\nprojection (t(k) = {c0:.2f} + {c1:.2f}·k s fitted to k = {sorted(k for k, _ in pts)}, α = {alpha * 1e6:.0f} µs "

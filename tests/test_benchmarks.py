@@ -217,3 +217,13 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     assert got["zo_best_test"] == 0.866 and got["zo_minutes_to_backprop_acc"] == 10.0  # 20 min * 150 / 300
     row_ = json.loads((results / "learn.jsonl").read_text().splitlines()[0])
     assert row_["train_seconds_to_best"] == 300.0 and row_["dev_curve"][0] == [0, 0.78, 0.46]
+
+
+def test_distributed_time_to_accuracy_and_per_rank_fit():
+    d = bench("distributed")
+    one = [{"train_s": 0.0, "dev_loss": 0.46}, {"train_s": 600.0, "dev_loss": 0.43}, {"train_s": 1020.0, "dev_loss": 0.40}]
+    two = [{"train_s": 0.0, "dev_loss": 0.46}, {"train_s": 480.0, "dev_loss": 0.39}, {"train_s": 900.0, "dev_loss": 0.42}]
+    assert d.sooner(one, two) == (0.40, 1020.0, 480.0)  # the first time two reaches one's end, not its last
+    assert d.sooner(one, two[:1])[2] is None
+    c0, c1 = d.fit_line([(2, 2.3), (4, 4.9), (8, 10.2)])
+    assert c1 == pytest.approx(24.6 / (56 / 3)) and c0 == pytest.approx(-0.35)  # Sxy / Sxx, mean t − c1·mean k
