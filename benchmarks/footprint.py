@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     for qz in a.quantize:
         quantize = None if qz == "none" else qz
         pte = Path(a.program) if a.program else export(a.model, quantize, a.threads)
+        if a.program:  # the program says what it is; a quantised one is run at the ε it tolerates
+            quantize = json.loads(Path(str(pte) + ".json").read_text()).get("quantization")
         sizes = program_sizes(pte)
         eps = QUANTIZED_MIN_EPS if quantize else 1e-3
         for loop in a.loops:

@@ -54,6 +54,10 @@ for _s in range(3):
     # its early gain kept: lr 3e-2 (which measured ~3.4x at step 50, then rose) decaying linearly to 0
     CELLS[f"sst2e-prge-qk-lr3e-2-linear-s{_s}"] = ["--task", "sst2", "--template", EARLIER, "--targets", "q_proj", "k_proj",
                                                    "--lr", "3e-2", "--lr-schedule", "linear", "--seed", str(_s)]
+    # all seven projections at twice the default lr, decaying linearly: twice the lr bought 2.1x sooner dev loss on
+    # 2 ranks at q = 8 and then rose (README, "More than one machine"); does a decay keep the early gain at q = 4?
+    CELLS[f"sst2e-prge-lr6e-3-linear-s{_s}"] = ["--task", "sst2", "--template", EARLIER, "--lr", "6e-3", "--lr-schedule", "linear",
+                                               "--seed", str(_s)]
     for _n in WORDS:
         CELLS[f"{_n}-fo-s{_s}"] = [*skill(_n), "--method", "fo", "--steps", "60", "--seed", str(_s)]
         CELLS[f"{_n}-prge-s{_s}"] = [*skill(_n), "--seed", str(_s)]

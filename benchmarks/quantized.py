@@ -98,21 +98,20 @@ def cmd_eps(a) -> None:
 
     from prge.data.batch import step_indices
     from prge.engine.formats import load_manifest, read_dataset
-    from prge.engine.runtime import Engine
+    from prge.engine.runtime import Engine, split_rows
 
     torch.set_num_threads(a.threads)
     progs = {quant: program_path(a, quant) for quant in a.quantize}
     manifests = {k: load_manifest(p) for k, p in progs.items()}
     tensors, meta = read_dataset(Path(str(progs["none"]).removesuffix(".pte") + ".data.safetensors"))
     q, b = manifests["none"]["q"], manifests["none"]["batch_size"]
-    names = ["input_ids", "target_pos", "target_ids", "target_mask", "label"]
     # all programs loaded at once and called in turn, so a load change on a shared machine hits each alike
     engines = {quant: Engine(path, manifests[quant]) for quant, path in progs.items()}
     losses, times = {}, {quant: [] for quant in progs}  # losses: (quant, eps, batch) -> (2q,)
     for eps in a.eps:
         for k in range(1, a.batches + 1):
-            idx = torch.tensor(step_indices(meta["n_train"], b, 0, k))
-            batch = [tensors[f"train_{n}"][idx] for n in names]
+            # the data file stores ids compactly (int32); split_rows gives the dtypes the methods take
+            batch = split_rows(tensors, "train", step_indices(meta["n_train"], b, 0, k))
             key = torch.tensor([0, k])
             for quant, engine in engines.items():
                 # g = 0: the pending update is a no-op, so every call perturbs the same clean (initial) B
