@@ -17,8 +17,8 @@ Parts (each appends raw rows to benchmarks/results/distributed.jsonl):
               dev (--tta-dev rows) every --tta-eval-every steps and test at the end. The time axis is the
               training wall time (the sum of the step times in rank 0's metrics.jsonl): the evaluations are
               the same in both runs and are left out. One rank = one core here, as one machine would be.
-  projection  (no measurement: --render) per-rank step time t(k) = c0 + c1·k fitted to the 1-thread runs
-              (k queries per rank), plus a ring all-gather of W-1 hops of the measured 2-rank loopback
+  projection  (no measurement: --render) per-rank step time t(k) = c0 + c1·k, least squares over the
+              1-thread runs of the model (k queries per rank), plus a ring all-gather of W-1 hops of the measured 2-rank loopback
               latency: T(W) = t(k) + (W-1)·α. Printed for W = 8..64 at k = q/2 per rank.
 
     python benchmarks/distributed.py --parts allgather
@@ -197,9 +197,9 @@ def tta(steps_n: int, eval_every: int, n_dev: int, seed: int, runs: Path) -> Non
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--rdzv-backend",
                        "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge", *args]
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if r.returncode:
-                print(r.stderr[-2000:], file=sys.stderr)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                print(done.stderr[-2000:], file=sys.stderr)
                 continue
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
