@@ -138,6 +138,15 @@ def train_args(model: str, q: int, steps: int, out: Path) -> list[str]:
             "--eval-every", "0", "--checkpoint-every", "0", "--n-dev", "8", "--n-test", "8", "--no-progress", "--out", str(out)]
 
 
+def launch(procs: int, threads: int, args: list[str]) -> list[str]:
+    """The command for `prge <args>`: one process with `threads` threads, or torchrun with `procs` processes
+    (each pinned by prge to its share of the cores)."""
+    if procs == 1:
+        return [sys.executable, "-m", "prge", *args, "--threads", str(threads)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge", *args]
+
+
 def step_seconds(run_dir: Path) -> list[float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["seconds"] for r in rows if "split" not in r]
@@ -157,11 +166,7 @@ def steps(model: str, q: int, n: int, only: list[int] | None = None) -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
-            if procs == 1:
-                cmd = [sys.executable, "-m", "prge", *train_args(model, qq, n, out), "--threads", str(threads)]
-            else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--rdzv-backend", "c10d",
-                       "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge", *train_args(model, qq, n, out)]
+            cmd = launch(procs, threads, train_args(model, qq, n, out))
             t = time.time()
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode:
@@ -192,11 +197,7 @@ def tta(steps_n: int, eval_every: int, n_dev: int, seed: int, runs: Path) -> Non
         if (out / "checkpoints" / "last").is_dir() and not (out / "summary.json").is_file():
             args += ["--resume", str(out)]
         if not (out / "summary.json").is_file():
-            if procs == 1:
-                cmd = [sys.executable, "-m", "prge", *args, "--threads", "1"]
-            else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--rdzv-backend",
-                       "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "prge", *args]
+            cmd = launch(procs, 1, args)
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if done.returncode:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -211,7 +212,7 @@ def tta(steps_n: int, eval_every: int, n_dev: int, seed: int, runs: Path) -> Non
                 clock += r["seconds"]
         write({"part": "tta", "variant": name, "processes": procs, "threads_per_process": 1, "q": q, "lr": float(lr),
                "model": "smollm2-135m", "task": "sst2 (earlier prompt)", "steps": steps_n, "seed": seed, "n_dev": n_dev,
-               "curve": curve, "median_step_s": statistics.median(r["seconds"] for r in rows if "split" not in r),
+               "curve": curve, "median_step_s": statistics.median(step_seconds(out)),
                **{k: summary.get(k) for k in ("test_before", "test_after_last", "test_after_best", "best_step", "minutes")}})
 
 

@@ -157,8 +157,9 @@ def main(argv=None) -> int:
     for qz in a.quantize:
         quantize = None if qz == "none" else qz
         pte = Path(a.program) if a.program else export(a.model, quantize, a.threads)
+        manifest = json.loads(Path(str(pte) + ".json").read_text())
         if a.program:  # the program says what it is; a quantised one is run at the ε it tolerates
-            quantize = json.loads(Path(str(pte) + ".json").read_text()).get("quantization")
+            quantize = manifest.get("quantization")
         sizes = program_sizes(pte)
         eps = QUANTIZED_MIN_EPS if quantize else 1e-3
         for loop in a.loops:
@@ -166,7 +167,6 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory(prefix="prge-footprint-") as tmp:
                     run = run_native if loop == "native" else run_python
                     res = run(pte, a.steps, eps, cache == "on", a.threads, Path(tmp))
-                manifest = json.loads(Path(str(pte) + ".json").read_text())
                 model = (a.name or manifest["model"]) if a.program else a.model
                 data_mb = pte.with_suffix(".data.safetensors").stat().st_size / 2**20
                 row = {"model": model, "quantize": quantize or "fp32", "weight_cache": cache == "on", "loop": loop,
