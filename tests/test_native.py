@@ -315,6 +315,27 @@ def test_a_replaced_manifest_is_refused(prog, tmp_path):
         Engine(p, m)
 
 
+def test_the_binary_alone_refuses_an_eps_below_the_programs_min_eps(prog, tmp_path):
+    """Run directly (not through `prge device-train --native`), the binary reads the smallest ε the
+    program resolves (`get_min_eps`, at least QUANTIZED_MIN_EPS under a quantised manifest) and refuses
+    a smaller --eps with one line and exit 2, writing nothing; at the threshold it trains."""
+    from prge.engine.formats import QUANTIZED_MIN_EPS, min_eps, seal
+
+    assert prog["manifest"]["min_eps"] == 0.0 and min_eps(prog["manifest"]) == 0.0  # an fp32 program
+    p = tmp_path / "q.pte"
+    shutil.copy(prog["path"], p)
+    m = seal(dict(prog["manifest"], quantization="8da4w"))
+    Path(str(p) + ".json").write_text(json.dumps(m))
+    assert min_eps(m) == QUANTIZED_MIN_EPS
+    r = run_bin(prog, tmp_path, program=p, eps=1e-3)
+    err = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(err) == 1 and "min_eps 0.03" in err[0], r.stderr[-500:]
+    assert not (tmp_path / "out").exists()
+    r = run_bin(prog, tmp_path, program=p, eps=QUANTIZED_MIN_EPS, steps=1)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert len(step_losses(tmp_path / "out")) == 1
+
+
 def test_the_weight_cache_changes_no_result(prog, runs):
     """XNNPACK's shared packed weights (on by default) give the same bits as one packed copy per method."""
     _, nat, _ = runs

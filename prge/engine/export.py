@@ -434,7 +434,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     described = {"model": model_name, "vocab_size": len(tokenizer), "vocab_sha256": vocab_sha256(tokenizer),
                  "pad_id": tokenizer.pad_token_id, "batch_size": batch_size, "max_length": max_length,
                  "answer_slots": answer_slots, "q": q, "loss": loss, "label_ids": label_ids.tolist() if with_labels else None,
-                 "layers": table, "eval_batch_size": n_eval, "total": total, "noise": noise}
+                 "layers": table, "eval_batch_size": n_eval, "total": total, "noise": noise,
+                 "min_eps": QUANTIZED_MIN_EPS if quantize else 0.0}
     described["identity_sha256"] = identity_sha256(described)
     t0 = time.time()
     data = lower(programs, {"train_step", "evaluate", "forward_losses"},
@@ -488,6 +489,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "label_words": words,
         "label_ids": label_ids.tolist() if with_labels else None,
         "quantization": quantize,
+        "min_eps": described["min_eps"],
         "methods": {public: (FLEET_SIGNATURES.get(impl) if ranks > 1 else None) or METHOD_SIGNATURES[impl]
                     for public, impl in names.items()},
         "adapter_config": adapter_config,

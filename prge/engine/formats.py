@@ -56,7 +56,8 @@ METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
 # `get_max_seq_len`), from the manifest fields named here; the C++ runner reads these, not the manifest
 CONSTANT_METHODS = {"get_identity_sha256": "identity_sha256", "get_noise": "noise", "get_q": "q",
                     "get_batch_size": "batch_size", "get_max_seq_len": "max_length", "get_answer_slots": "answer_slots",
-                    "get_eval_batch_size": "eval_batch_size", "get_total": "total", "get_vocab_size": "vocab_size"}
+                    "get_eval_batch_size": "eval_batch_size", "get_total": "total", "get_vocab_size": "vocab_size",
+                    "get_min_eps": "min_eps"}
 
 
 def identity_sha256(fields: dict) -> str:
@@ -101,6 +102,8 @@ def _is_int(x, low: int = 0) -> bool:
 
 
 # the fields the loops read, with what each must be
+# fields older manifests lack (checked when present)
+OPTIONAL_FIELDS = {"run_defaults", "min_eps"}
 _MANIFEST_FIELDS = {
     "q": lambda x: _is_int(x, 1), "copies": lambda x: _is_int(x, 2), "total": lambda x: _is_int(x, 1),
     "batch_size": lambda x: _is_int(x, 1), "max_length": lambda x: _is_int(x, 1), "answer_slots": lambda x: _is_int(x, 1),
@@ -114,6 +117,7 @@ _MANIFEST_FIELDS = {
         and isinstance(layer.get("shape"), list) and len(layer["shape"]) == 2 and all(_is_int(d, 1) for d in layer["shape"])
         for layer in x),
     "run_defaults": lambda x: isinstance(x, dict),
+    "min_eps": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1,
 }
 
 
@@ -121,7 +125,7 @@ def check_manifest_fields(manifest: dict, path) -> None:
     """Every field the loops read is present with a value of its kind (a hand-edited or foreign
     manifest is one clear error, not a KeyError in the middle of a run)."""
     for key, ok in _MANIFEST_FIELDS.items():
-        if key == "run_defaults" and key not in manifest:
+        if key in OPTIONAL_FIELDS and key not in manifest:
             continue
         if key not in manifest or not ok(manifest[key]):
             raise PrgeError(f"{path}: field {key!r} is {'missing' if key not in manifest else 'not valid (' + _short(manifest[key]) + ')'}",
@@ -157,12 +161,21 @@ def verify_program(program_path: str | os.PathLike, manifest: dict) -> None:
 QUANTIZED_MIN_EPS = 3e-2
 
 
+def min_eps(manifest: dict) -> float:
+    """The smallest ε the program's base resolves: the manifest's `min_eps` (the program's own
+    `get_min_eps` returns the same), and at least QUANTIZED_MIN_EPS for a quantised base (an older
+    manifest has no `min_eps`). The C++ runner applies the same rule."""
+    quantised = manifest.get("quantization") not in (None, "none")
+    return max(float(manifest.get("min_eps", 0.0)), QUANTIZED_MIN_EPS if quantised else 0.0)
+
+
 def check_eps(manifest: dict, eps: float) -> None:
-    """Refuse an ε the program's base cannot resolve (a quantised base needs ε >= QUANTIZED_MIN_EPS)."""
-    if manifest.get("quantization") and eps < QUANTIZED_MIN_EPS:
-        raise PrgeError(f"eps={eps:g} is below what a {manifest['quantization']} program resolves: the int8 activation "
-                        "rounding swamps L+ - L- at small eps",
-                        f"pass --eps {QUANTIZED_MIN_EPS:g} or larger, or export with --quantize none")
+    """Refuse an ε the program's base cannot resolve (a quantised base needs ε >= its min_eps)."""
+    least = min_eps(manifest)
+    if eps < least:
+        raise PrgeError(f"eps={eps:g} is below what a {manifest.get('quantization')} program resolves (min_eps {least:g}): the int8 "
+                        "activation rounding swamps L+ - L- at small eps",
+                        f"pass --eps {least:g} or larger, or export with --quantize none")
 
 
 def _short(x) -> str:

@@ -31,6 +31,12 @@ json eval_row(long step, int64_t n, double accuracy, double loss, const std::vec
 Loop::Loop(const Options& o)
     : o_(o), prog_(o.program, o.weight_cache), d_(prog_.description()), g_(size_t(prog_.description().q), 0.0f) {
   if (o_.normalize && d_.q < 2) fail("--normalize needs q >= 2");
+  if (o_.eps < d_.min_eps) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "--eps %g is below what this program's quantised base resolves (min_eps %g): pass --eps %g or larger, "
+             "or export with --quantize none", o_.eps, d_.min_eps, d_.min_eps);
+    throw Fail(msg, 2);
+  }
   data_ = read_data(o_.data, d_);
   plan_ = read_plan(o_.plan, o_.seed, o_.steps, d_.b, data_.train.n);
   auto es = prog_.input_shapes("evaluate");

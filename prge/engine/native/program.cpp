@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
+
 #include "files.h"
 #include "sha256.h"
 #include "weight_cache.h"
@@ -98,6 +100,19 @@ void Program::describe() {
     if (m.contains("vocab_size") && m["vocab_size"].is_number_integer()) d.vocab = m["vocab_size"].get<int64_t>();
     d.noise = m.value("noise", "counter");
     d.identity = m.value("identity_sha256", "");
+  }
+  // the smallest eps the base resolves (prge.engine.formats.min_eps): what the program says (get_min_eps) or
+  // its manifest records, and at least QUANTIZED_MIN_EPS where the manifest names a quantised base
+  if (module_->method_meta("get_min_eps").ok()) {
+    EValue v = constant("get_min_eps");
+    if (!v.isDouble()) fail(path_ + ": get_min_eps does not return a number (re-export the program)");
+    d.min_eps = v.toDouble();
+  }
+  if (d.manifest.is_object()) {
+    auto me = d.manifest.find("min_eps");
+    auto qz = d.manifest.find("quantization");
+    if (me != d.manifest.end() && me->is_number()) d.min_eps = std::max(d.min_eps, me->get<double>());
+    if (qz != d.manifest.end() && qz->is_string() && qz->get<std::string>() != "none") d.min_eps = std::max(d.min_eps, QUANTIZED_MIN_EPS);
   }
   if (d.noise != "counter")
     fail("the program draws its noise with '" + d.noise + "'; the native trainer runs 'counter' programs (re-export with --noise counter)");

@@ -15,6 +15,8 @@
 namespace prge {
 
 // The methods training calls (prge.engine.formats.METHODS).
+// prge.engine.formats.QUANTIZED_MIN_EPS: the min_eps of a quantised program whose manifest predates the field
+constexpr double QUANTIZED_MIN_EPS = 3e-2;
 extern const char* const TRAINING_METHODS[5];
 
 // What a program is: its shapes and the identity hash its data must carry. A program exported with
@@ -24,6 +26,7 @@ struct Description {
   int64_t q = 0, b = 0, T = 0, K = 0, N = 0, total = 0, vocab = INT64_MAX;
   std::string noise;         // "counter" | "host" | "engine"
   std::string identity;      // sha256 of the identity fields (prge.engine.formats.identity_sha256); "" if none
+  double min_eps = 0;        // smallest eps the base resolves (get_min_eps, else the manifest; prge.engine.formats.min_eps)
   std::string sha256;        // of the .pte file (from the manifest; checkpoints name it); "" if unknown
   nlohmann::json manifest;   // the manifest if there is one, else null
   bool self_described = false;
