@@ -43,6 +43,7 @@ def candidate(s, name: str, fit_rows, rank: int, saved: str | None = None) -> li
     """The candidate's A: from merit.py's saved candidates.pt when given and present, else computed."""
     if saved and Path(saved).is_file():
         cands = torch.load(saved)
+        cands = cands.get("cands", cands)  # merit.py's generic-text file holds {"cands": ..., "info": ...}
         if name in cands:
             return cands[name]
     ref = random_a(s.model, rank, 0)
@@ -68,7 +69,8 @@ def main() -> None:
     p.add_argument("--n-dev", type=int, default=500)
     p.add_argument("--fit", default="768:896", help="training rows (slice) the data-dependent A is fitted on, as merit.py's")
     p.add_argument("--targets", nargs="+", help="projections to wrap (default: all 7); a candidate A is then only for those")
-    p.add_argument("--saved", help="merit.py's runs/merit/<tag>/candidates.pt (the A's it scored)")
+    p.add_argument("--saved", help="merit.py's runs/merit/<tag>/candidates.pt (the A's it scored), or its "
+                   "runs/merit/generic-<model>-32x128-r16.pt (generic_grad_svd / _gev / generic_channel_mask)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(OUT))
