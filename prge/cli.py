@@ -81,6 +81,15 @@ def build_config(args: argparse.Namespace):
                    if hasattr(args, f.name) and (getattr(args, f.name) is not None or "None" in str(f.type))})
     if values.get("resume"):
         values = resume_values(values)
+    if "lr" not in values:  # a built-in model may need another lr than the default (prge.models.builtin)
+        from prge.models.builtin import BUILTINS
+
+        spec = BUILTINS.get(values.get("model", TrainConfig().model))
+        if spec is not None and spec.lr is not None:
+            from prge.log import say
+
+            say(f"prge: --lr {spec.lr:g}, {values['model']}'s default (pass --lr to choose another)")
+            values["lr"] = spec.lr
     try:
         return TrainConfig(**values)
     except TypeError as e:

@@ -46,7 +46,7 @@ class TrainConfig:
     q: int = opt(4, "zeroth-order queries per step (perturbation directions)")
     batch_size: int = opt(4, "examples per step (each query sees the same b examples; the forward batch is 2·q·b)")
     steps: int = opt(300, "training steps (about 10 minutes for the default job on a 2-core CPU)")
-    lr: float = opt(3e-3, "learning rate; zeroth-order runs with more --steps need a lower lr, about 3e-3 * (300 / steps)^(2/3) (e.g. 7e-4 at 1700 steps)")
+    lr: float = opt(3e-3, "learning rate (the built-in gemma3-270m defaults to 1e-4: it diverges at 1e-3); zeroth-order runs with more --steps need a lower lr, about 3e-3 * (300 / steps)^(2/3) (e.g. 7e-4 at 1700 steps)")
     lr_schedule: str = opt("constant", "learning-rate schedule over --steps: constant, or a linear / cosine decay from --lr towards 0", list(LR_SCHEDULES))
     eps: float = opt(1e-2, "zeroth-order perturbation scale ε")
     normalize: bool = opt(False, "zeroth-order: divide each loss difference by the spread (std) of the step's 2q losses instead of by 2ε (needs q >= 2)")

