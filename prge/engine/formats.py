@@ -101,9 +101,9 @@ def _is_int(x, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
-# the fields the loops read, with what each must be
 # fields older manifests lack (checked when present)
 OPTIONAL_FIELDS = {"run_defaults", "min_eps"}
+# the fields the loops read, with what each must be
 _MANIFEST_FIELDS = {
     "q": lambda x: _is_int(x, 1), "copies": lambda x: _is_int(x, 2), "total": lambda x: _is_int(x, 1),
     "batch_size": lambda x: _is_int(x, 1), "max_length": lambda x: _is_int(x, 1), "answer_slots": lambda x: _is_int(x, 1),
