@@ -73,7 +73,9 @@ def _shown(default) -> str:
     return str(default)
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, builtin_lr: bool = True):
+    """The TrainConfig of a command: --config, then the flags given, then (a run's) saved config;
+    with `builtin_lr`, a built-in model's own lr where neither gives one (not for `prge eval`, which trains nothing)."""
     from prge.config import TrainConfig, load_yaml
 
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -81,7 +83,7 @@ def build_config(args: argparse.Namespace):
                    if hasattr(args, f.name) and (getattr(args, f.name) is not None or "None" in str(f.type))})
     if values.get("resume"):
         values = resume_values(values)
-    if "lr" not in values:  # a built-in model may need another lr than the default (prge.models.builtin)
+    if builtin_lr and "lr" not in values:  # a built-in model may need another lr than the default (prge.models.builtin)
         from prge.models.builtin import BUILTINS
 
         spec = BUILTINS.get(values.get("model", TrainConfig().model))
@@ -119,7 +121,7 @@ def cmd_eval(args) -> int:
 
     from prge.run.train import prepare
 
-    cfg = build_config(args)
+    cfg = build_config(args, builtin_lr=False)
     if args.adapter and not hasattr(args, "model"):
         cfg.model = adapter_base(args.adapter) or cfg.model
     # evaluation needs no gradients; without an adapter the LoRA B is zero, i.e. the plain model

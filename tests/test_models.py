@@ -154,3 +154,7 @@ def test_a_builtin_models_own_lr_is_the_default_unless_one_is_given(tmp_path, ca
     yaml = tmp_path / "c.yaml"
     yaml.write_text("model: gemma3-270m\nlr: 2e-4\n")
     assert cfg("--config", str(yaml)).lr == 2e-4
+    # `prge eval` trains nothing: no lr line, no lr change
+    capsys.readouterr()
+    assert build_config(parser().parse_args(["eval", "--model", "gemma3-270m"]), builtin_lr=False).lr == 3e-3
+    assert capsys.readouterr().err == ""
