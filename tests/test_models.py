@@ -141,7 +141,7 @@ def test_default_sst2_prompt_beats_the_earlier_one_zero_shot():
 
 def test_a_builtin_models_own_lr_is_the_default_unless_one_is_given(tmp_path, capsys):
     """Gemma-3-270M diverges at the default 3e-3 (and at 1e-3): `prge train --model gemma3-270m` takes
-    its own lr unless --lr or --config gives one; a resumed run keeps the lr it was started with."""
+    its own lr unless --lr or --config gives one."""
     from prge.cli import build_config, parser
 
     def cfg(*argv):
