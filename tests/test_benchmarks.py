@@ -227,3 +227,61 @@ def test_distributed_time_to_accuracy_and_per_rank_fit():
     assert d.sooner(one, two[:1])[2] is None
     c0, c1 = d.fit_line([(2, 2.3), (4, 4.9), (8, 10.2)])
     assert c1 == pytest.approx(24.6 / (56 / 3)) and c0 == pytest.approx(-0.35)  # Sxy / Sxx, mean t − c1·mean k
+
+
+def test_query_weights_monte_carlo_matches_the_closed_form():
+    """The Monte-Carlo of benchmarks/query_weights.py against the exact moments of the unweighted step:
+    with u ~ N(0, G), s = αᵀu (the batch's slope), t = βᵀu (the other half's), zᵢᵀHzⱼ = uᵢᵀMuⱼ,
+    E[s t] = αᵀGβ and E[(1/q²)Σᵢⱼ sᵢsⱼ zᵢᵀHzⱼ] = ((αᵀGα)·tr(MG) + 2αᵀGMGα)/q + (q − 1)/q·αᵀGMGα,
+    averaged over the batches; a constant weight changes nothing (same draws for every scheme)."""
+    import itertools
+
+    import torch
+
+    mod = bench("query_weights")
+    n, b, q = 8, 2, 2
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(1, 12, generator=gen)
+    J = 0.8 * common + 0.6 * torch.randn(n, 12, generator=gen)  # coherent rows: a shared direction plus their own
+    G = (J @ J.T).double()
+    p = torch.rand(n, generator=gen).double() * 0.8 + 0.1
+    y = torch.tensor([0, 1] * (n // 2)).double()
+    r, pi = p - y, p * (1 - p)
+    M = torch.diag(pi) / n
+    half = n // 2
+    beta = torch.zeros(n, dtype=torch.float64)
+    beta[half:] = r[half:] / half
+    a1s, a2s = [], []
+    for rows in itertools.combinations(range(half), b):
+        alpha = torch.zeros(n, dtype=torch.float64)
+        alpha[list(rows)] = r[list(rows)] / b
+        a1s.append(alpha @ G @ beta)
+        gmg = alpha @ G @ M @ G @ alpha
+        a2s.append(((alpha @ G @ alpha) * torch.trace(M @ G) + 2 * gmg) / q + (q - 1) / q * gmg)
+    schemes = {"w=1": lambda c: torch.ones_like(c), "w=3": lambda c: 3 * torch.ones_like(c)}
+    out = mod.monte_carlo(G, r, pi, b, q, 200_000, schemes, 0.0, 0.0, seed=1, groups=4)
+    assert out["w=1"]["a1"] == pytest.approx(float(torch.stack(a1s).mean()), rel=0.05)
+    assert out["w=1"]["a2"] == pytest.approx(float(torch.stack(a2s).mean()), rel=0.05)
+    assert out["w=3"]["speedup_per_step"] == pytest.approx(1.0, abs=1e-9)
+    # the extra clean copy is charged: 2q + 1 blocks of forward rows instead of 2q
+    assert out["w=3"]["speedup_per_forward_row"] == pytest.approx(2 * q / (2 * q + 1), abs=1e-9)
+
+
+def test_query_weights_per_row_gradients_predict_the_forward(tmp_path):
+    """query_weights.per_row_j (hooks, one backward) against prge's own forward at B ± εz: the slope
+    (L⁺ − L⁻)/2ε must follow (1/b)Σ (p_k − y_k)·J_kᵀz, and the curvature's mean is finite."""
+    from prge.config import TrainConfig
+    from prge.run.train import prepare
+    from prge.testing import save_tiny
+
+    mod = bench("query_weights")
+    tiny = save_tiny(tmp_path / "tiny", "llama")
+    cfg = TrainConfig(model=tiny, task="sst2", data_root=str(ROOT.parent / "shared" / "data"), n_train=16, n_dev=4,
+                      n_test=4, rank=2, alpha=4, method="prge", progress=False, max_length=64)
+    s = prepare(cfg)
+    rows = s.train[:8]
+    J, p1, y = mod.per_row_j(s, rows, bs=4)
+    assert J.shape[0] == 8 and J.abs().sum() > 0
+    chk = mod.check(s, rows, J, p1 - y, p1 * (1 - p1), b=2, batches=3, nz=4, eps=1e-3, seed=0)
+    assert chk["n"] == 12
+    assert chk["s_corr"] > 0.999 and chk["s_rel_err"] < 0.02
