@@ -217,6 +217,21 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     assert got["zo_best_test"] == 0.866 and got["zo_minutes_to_backprop_acc"] == 10.0  # 20 min * 150 / 300
     row_ = json.loads((results / "learn.jsonl").read_text().splitlines()[0])
     assert row_["train_seconds_to_best"] == 300.0 and row_["dev_curve"][0] == [0, 0.78, 0.46]
+    assert "gemma3_270m_sst2_earlier_prompt" not in json.loads((results / "learn.json").read_text())  # no Gemma cells yet
+    # Gemma-3-270M: its own backprop cell is the yardstick (not accuracy.jsonl's SmolLM2 rows)
+    for name, method, minutes, best, best_step in (("gemma-sst2e-fo-s0", "fo", 10.0, 0.90, 100),
+                                                   ("gemma-sst2e-prge-s0", "prge", 30.0, 0.88, 200)):
+        d = runs / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"method": method, "steps": 300 if method == "prge" else 100,
+                                                    "minutes": minutes, "test_before": 0.6, "test_after_last": best,
+                                                    "test_after_best": best, "best_step": best_step, "best_dev": best,
+                                                    "n_test": 872}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.6, "loss": 0.7}) + "\n")
+    learn.table()
+    gem = json.loads((results / "learn.json").read_text())["gemma3_270m_sst2_earlier_prompt"]
+    assert gem["backprop_minutes"] == 10.0 and gem["backprop_test"] == 0.9
+    assert gem["zo_best_test"] == 0.88 and gem["zo_minutes_to_backprop_acc"] is None and gem["zo_runs"] == 1
 
 
 def test_distributed_time_to_accuracy_and_per_rank_fit():
