@@ -413,6 +413,8 @@ def main() -> None:
     r.add_argument("--methods", nargs="+", help="only these methods of the table (e.g. prge-q4 mezo-q1)")
     r.add_argument("--seeds", nargs="+", type=int, help="only these seeds of the table")
     r.add_argument("--data-root")
+    r.add_argument("--threads", type=int, default=COMMON["threads"],
+                   help="threads per cell (default 1: one cell per core; 2 finishes one long cell sooner on a free machine)")
     rd = sub.add_parser("render", help="print the tables from the results file (or write them into a document)")
     rd.add_argument("--into", type=Path, help="a Markdown file whose block between the lines "
                                              f"{BEGIN!r} and {END!r} is replaced with the tables")
@@ -420,6 +422,7 @@ def main() -> None:
                                 f"of finished cells whose run folders are here into {CURVES.relative_to(ROOT)})")
     args = p.parse_args()
     if args.cmd == "run":
+        COMMON["threads"] = args.threads  # recorded with each row
         RUNS.mkdir(parents=True, exist_ok=True)
         cmd_run(args)
     elif args.cmd == "plot":
