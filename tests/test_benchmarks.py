@@ -220,6 +220,7 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     assert "gemma3_270m_sst2_earlier_prompt" not in json.loads((results / "learn.json").read_text())  # no Gemma cells yet
     # Gemma-3-270M: its own backprop cell is the yardstick (not accuracy.jsonl's SmolLM2 rows)
     for name, method, minutes, best, best_step in (("gemma-sst2e-fo-s0", "fo", 10.0, 0.90, 100),
+                                                   ("gemma-sst2e-fo-lr1e-4-s0", "fo", 8.0, 0.85, 100),
                                                    ("gemma-sst2e-prge-s0", "prge", 30.0, 0.88, 200)):
         d = runs / name
         d.mkdir()
@@ -230,7 +231,7 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
         (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.6, "loss": 0.7}) + "\n")
     learn.table()
     gem = json.loads((results / "learn.json").read_text())["gemma3_270m_sst2_earlier_prompt"]
-    assert gem["backprop_minutes"] == 10.0 and gem["backprop_test"] == 0.9
+    assert gem["backprop_minutes"] == 10.0 and gem["backprop_test"] == 0.9 and gem["backprop_run"] == "gemma-sst2e-fo-s0"  # the better
     assert gem["zo_best_test"] == 0.88 and gem["zo_minutes_to_backprop_acc"] is None and gem["zo_runs"] == 1
 
 
@@ -300,3 +301,23 @@ def test_query_weights_per_row_gradients_predict_the_forward(tmp_path):
     chk = mod.check(s, rows, J, p1 - y, p1 * (1 - p1), b=2, batches=3, nz=4, eps=1e-3, seed=0)
     assert chk["n"] == 12
     assert chk["s_corr"] > 0.999 and chk["s_rel_err"] < 0.02
+
+
+def test_calibration_fits_the_label_biases_a_skewed_model_lacks():
+    """calibration.fit_bias on label logits that know the answer but carry an offset towards label 0:
+    the fitted bias undoes the offset (accuracy back to the unskewed model's), the first label's bias stays 0."""
+    import torch
+
+    cal = bench("calibration")
+    gen = torch.Generator().manual_seed(0)
+    gold = torch.randint(0, 3, (600,), generator=gen)
+    clean = 2.0 * torch.nn.functional.one_hot(gold, 3).float() + torch.randn(600, 3, generator=gen)
+    skewed = clean + torch.tensor([3.0, 0.0, 0.5])
+    bias = cal.fit_bias(skewed[:300], gold[:300])
+    assert bias[0] == 0.0
+    assert bias[1:].tolist() == pytest.approx([3.0, 2.5], abs=0.4)
+    before = cal.summary(skewed[300:], gold[300:], torch.zeros(3))
+    after = cal.summary(skewed[300:], gold[300:], bias)
+    ideal = cal.summary(clean[300:], gold[300:], torch.zeros(3))
+    assert before["label_share"][0] > 0.7 and before["accuracy"] < 0.6
+    assert after["accuracy"] == pytest.approx(ideal["accuracy"], abs=0.03)
