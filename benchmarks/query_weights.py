@@ -40,6 +40,7 @@ Appends one JSON line per (b, scheme) to benchmarks/results/query_weights.jsonl.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import sys
@@ -63,14 +64,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "query_weights.jsonl"
 CACHE = ROOT / "runs" / "query_weights"
 
 
+def b_sizes(layers) -> list[int]:
+    """Values of each wrapped module's B: the flat layout of J's columns and of z (lora_layers order)."""
+    return [m.out_features * m.rank for m in layers]
+
+
 def per_row_j(s, rows, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, D) J_i = ∇_B d_i over every wrapped module's B (lora_layers order, each (out, r) row-major),
     and the rows' p_i (probability of label 1) and y_i."""
     layers = list(lora_layers(s.model).values())
-    sizes = [m.out_features * m.rank for m in layers]
-    offs = [0]
-    for z in sizes:
-        offs.append(offs[-1] + z)
+    offs = [0, *itertools.accumulate(b_sizes(layers))]
     J = torch.zeros(len(rows), offs[-1])
     xs: dict = {}
     cur = {"start": 0}
@@ -117,12 +120,8 @@ def per_row_j(s, rows, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def split_z(z: torch.Tensor, layers) -> list[torch.Tensor]:
-    out, a = [], 0
-    for m in layers:
-        n = m.out_features * m.rank
-        out.append(z[a:a + n].reshape(1, m.out_features, m.rank))
-        a += n
-    return out
+    """A flat z as one (1, out, r) copy per module, in J's column layout."""
+    return [c.reshape(1, m.out_features, m.rank) for c, m in zip(z.split(b_sizes(layers)), layers)]
 
 
 @torch.no_grad()
@@ -168,7 +167,6 @@ def monte_carlo(G: torch.Tensor, r: torch.Tensor, pi: torch.Tensor, b: int, q: i
     gen = torch.Generator().manual_seed(seed)
     r, pi = r.double(), pi.double()
     acc = {k: torch.zeros(groups, 2, dtype=torch.float64) for k in schemes}
-    cbar_acc = 0.0
     per = steps // groups
     chunk = 2000
     for gi in range(groups):
@@ -185,7 +183,6 @@ def monte_carlo(G: torch.Tensor, r: torch.Tensor, pi: torch.Tensor, b: int, q: i
             t = (r[half:, None, None] * U[half:]).mean(0)  # zᵀg from the other half
             Hz = (pi[:, None, None] * U)  # for zᵢᵀ H zⱼ = (1/n) Σ_rows π u_i u_j
             H = torch.einsum("nmi,nmj->mij", Hz, U) / n  # (m, q, q)
-            cbar_acc += float(c.mean()) * m
             for k, fn in schemes.items():
                 w = fn(c)
                 ws = w * s
@@ -194,25 +191,25 @@ def monte_carlo(G: torch.Tensor, r: torch.Tensor, pi: torch.Tensor, b: int, q: i
                 acc[k][gi, 0] += a1.sum()
                 acc[k][gi, 1] += a2.sum()
             done += m
+    def best_gain(x: torch.Tensor) -> torch.Tensor:  # A1² / (2·A2) over the rows (groups) of x = [A1, A2]
+        return x[:, 0].mean() ** 2 / (2 * x[:, 1].mean())
+
     out = {}
     base = acc["w=1"] / per
-    g_base = base[:, 0].mean() ** 2 / (2 * base[:, 1].mean())
+    g_base = best_gain(base)
     for k, a in acc.items():
         a = a / per
-        gain = a[:, 0].mean() ** 2 / (2 * a[:, 1].mean())
+        gain = best_gain(a)
         # jackknife over groups for the ratio's standard error
         ratios = []
         for j in range(groups):
             keep = [i for i in range(groups) if i != j]
-            gk = a[keep, 0].mean() ** 2 / (2 * a[keep, 1].mean())
-            gb = base[keep, 0].mean() ** 2 / (2 * base[keep, 1].mean())
-            ratios.append(float(gk / gb))
+            ratios.append(float(best_gain(a[keep]) / best_gain(base[keep])))
         rt = torch.tensor(ratios)
         se = float(((groups - 1) / groups * ((rt - rt.mean()) ** 2).sum()).sqrt())
         out[k] = {"gain_per_step": float(gain), "speedup_per_step": float(gain / g_base), "se": se,
                   "speedup_per_forward_row": float(gain / g_base) * (2 * q) / (2 * q + (0 if k == "w=1" else 1)),
                   "a1": float(a[:, 0].mean()), "a2": float(a[:, 1].mean())}
-    out["_cbar"] = cbar_acc / (per * groups)
     return out
 
 
@@ -273,8 +270,6 @@ def main() -> None:
         for label, (m, sd) in {"measured c": (rm, rs), "exact GGN c (no residual)": (0.0, 0.0)}.items():
             mc = monte_carlo(G, r, pi, b, args.q, args.steps, schemes, m, sd, args.seed + b)
             for k, v in mc.items():
-                if k.startswith("_"):
-                    continue
                 row = {"tag": tag, "model": args.model, "b": b, "q": args.q, "scheme": k, "c_model": label, **v,
                        "resid_mean": m, "resid_std": sd, "cbar_ggn": cbar, "n_rows": args.n, "coherence_per_row": coh,
                        "steps": args.steps, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
