@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prge.zo import estimator as est
 from prge.data.batch import Example, collate, encode, label_word_ids
@@ -34,6 +36,21 @@ def test_noise_streams_differ_and_are_uncorrelated(other):
     for b in (est.counter_normal(other, 5, (n,)), est.counter_normal(key(3, 7), 6, (n,))):
         corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
         assert abs(corr) < 5 / math.sqrt(n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 5)), min_size=1, max_size=8),
+       q=st.integers(1, 4), budget=st.integers(1, 400))
+def test_noise_drawn_in_chunks_is_the_full_draw(shapes, q, budget):
+    """The exported step draws its noise a few layers at a time (`noise_chunks`); every tensor's noise
+    is the same bits as in the one full draw the eager step makes, and the chunks cover every tensor
+    once, in order, each within the budget unless one tensor alone exceeds it."""
+    full = est.all_noise(key(2, 9), q, shapes)
+    chunks = est.noise_chunks(q, shapes, budget)
+    assert [j for c in chunks for j in c] == list(range(len(shapes)))
+    for c in chunks:
+        assert len(c) == 1 or sum(q * math.prod(shapes[j]) for j in c) <= budget
+        assert all(torch.equal(full[j], z) for j, z in zip(c, est.all_noise(key(2, 9), q, shapes, tensors=c)))
 
 
 def test_rebuild_inverts_dual_copies():

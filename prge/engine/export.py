@@ -75,6 +75,9 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", "
 # buffers the program mutates; InitializedMutableBufferPass matches these against placeholder names,
 # which torch.export lower-cases (a pattern such as "lora_B" would silently match nothing)
 STATE_PATTERNS = ["copies", "eps_prev", "clean_"]
+# train_step draws its noise in runs of layers of at most this many values (8 MB of z; SmolLM2-135M at
+# q = 4: 5 runs of 6 layers), so the draw's intermediates stay below the forward's planned memory
+NOISE_CHUNK_VALUES = 1 << 21
 
 
 def vocab_sha256(tokenizer) -> str:
@@ -153,21 +156,27 @@ class StepProgram(nn.Module):
             out.append(est.update(b, z, g, lr))
         return out
 
-    def _noise(self, key: torch.Tensor, z: torch.Tensor | None) -> list[torch.Tensor]:
+    def _noise(self, key: torch.Tensor, z: torch.Tensor | None, js: list[int]) -> list[torch.Tensor]:
+        """The new noise of layers `js`; z is the host's noise (q, total), or a fleet rank's first query id."""
+        if self.fleet:
+            return est.all_noise(key, self.q, self.shapes, first=z, tensors=js)
         if self.noise == "counter":
-            return est.all_noise(key, self.q, self.shapes)
+            return est.all_noise(key, self.q, self.shapes, tensors=js)
         if self.noise == "engine":
-            return [torch.randn(self.q, *s) for s in self.shapes]
+            return [torch.randn(self.q, *self.shapes[j]) for j in js]
         sizes = [math.prod(s) for s in self.shapes]
-        return [part.reshape(self.q, *s) for part, s in zip(torch.split(z, sizes, dim=1), self.shapes)]
+        parts = torch.split(z, sizes, dim=1)
+        return [parts[j].reshape(self.q, *self.shapes[j]) for j in js]
 
     def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
-        clean = self._clean(g, lr)
-        # a fleet program's last input is the rank's first global query id
-        zs = est.all_noise(key, self.q, self.shapes, first=z) if self.fleet else self._noise(key, z)
-        for m, b, zz in zip(self._layers(), clean, zs):
-            m.copies.copy_(est.perturbed(b, zz, eps, "+-"))
+        clean, layers = self._clean(g, lr), self._layers()
+        # planned memory: the noise is drawn a few layers at a time, each layer's copies written in
+        # place (`_write`), and the forward starts only once all are written (`_after`)
+        for js in est.noise_chunks(self.q, self.shapes, NOISE_CHUNK_VALUES):
+            for j, zz in zip(js, self._noise(key, z, js)):
+                _write(layers[j].copies, est.perturbed(clean[j], zz, eps, "+-"))
         self.eps_prev.copy_(eps)
+        input_ids = _after(input_ids, [m.copies for m in layers])
         return self._copy_losses(Batch(input_ids, target_pos, target_ids, target_mask, label), "copies")
 
     def forward_losses(self, input_ids, target_pos, target_ids, target_mask, label):
@@ -203,7 +212,7 @@ class StepProgram(nn.Module):
         start = 0
         for t in self._state():
             n = t.numel()
-            t.copy_(raw[start:start + n].reshape(t.shape))
+            _write(t, raw[start:start + n].reshape(t.shape))
             start += n
         self.eps_prev.copy_(raw[start:start + 1])
         return raw[start:start + 1] * 1.0
@@ -219,6 +228,25 @@ class StepProgram(nn.Module):
             ce = (cross_entropy(logits, target_ids) * target_mask).sum(1)
             correct = ((logits.argmax(-1) == target_ids).float() * target_mask).sum(1)
             return ce, correct
+
+
+def _write(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """buffer[:] = value, kept in place in the program. `buffer.copy_(value)` would be functionalised
+    into a new tensor that ExecuTorch writes back to the buffer only at the end of the method, so the
+    planned memory would hold the state twice (the 2q copies of B: 80 MB for SmolLM2-135M at q = 4);
+    an index_put_ over every row is what the reinplace pass (`lower`) turns back into a write in place."""
+    buffer.index_put_((torch.arange(buffer.shape[0]),), value)
+
+
+def _after(x: torch.Tensor, written: list[torch.Tensor]) -> torch.Tensor:
+    """x (an int64 input), made to depend on one element of each tensor in `written` (+ 0).
+
+    XNNPACK merges independent float ops into the forward's delegate calls, so without this the
+    perturbation of layer k ran inside the forward's call for an earlier layer, and every layer's noise
+    stayed in the planned memory into the forward (1.3 MB a layer for SmolLM2 at q = 4). With the
+    forward's input depending on every write, no delegate call can hold both, and the noise is freed
+    before the forward starts. `== 0` then `* 0` keeps it 0 whatever the values (NaN included)."""
+    return x + (torch.stack([w.reshape(-1)[0] for w in written]) == 0).long().sum() * 0
 
 
 def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, loss: str, noise: str,
@@ -346,6 +374,7 @@ def lower(programs: dict, xnnpack_methods: set[str], constant_methods: dict | No
             passes=[InitializedMutableBufferPass(STATE_PATTERNS)],
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
             emit_mutable_buffer_names=False,  # with names, read-only methods failed to load or re-initialised state
+            run_reinplace_pass=True,  # keeps `_write`'s index_put_ in place: the state is not held twice
         ))
         return et.buffer
 

@@ -106,26 +106,44 @@ def query_noise(key: torch.Tensor, tensor_index: int, q: int, shape: tuple[int, 
 
 
 def all_noise(key: torch.Tensor, q: int, shapes: list[tuple[int, ...]], kind: str = "counter",
-              first: torch.Tensor | None = None) -> list[torch.Tensor]:
+              first: torch.Tensor | None = None, tensors: list[int] | None = None) -> list[torch.Tensor]:
     """[(q, *shape_j)]: the noise of all q queries for every trained tensor j, under key = [seed, step].
 
     The eager P-RGE step and the exported step both call this; tensors of equal size share one draw.
     With `first` (a (1,) int tensor, counter noise only) the queries are first .. first + q − 1: the
-    same values as all_noise(key, first + q)[first:], without drawing the others.
+    same values as all_noise(key, first + q)[first:], without drawing the others. With `tensors` (indices
+    into `shapes`) only those tensors' noise is drawn, in that order, the same values as in the full draw
+    (the exported step draws a few layers at a time, `noise_chunks`, to keep its planned memory small).
     """
     if first is not None and kind != "counter":
         raise PrgeError("a query offset needs the counter noise", "use noise 'counter'")
+    wanted = list(range(len(shapes))) if tensors is None else list(tensors)
     if kind != "counter":
-        return [query_noise(key, j, q, s, kind) for j, s in enumerate(shapes)]
+        return [query_noise(key, j, q, shapes[j], kind) for j in wanted]
     groups: dict[int, list[int]] = {}
-    for j, s in enumerate(shapes):
-        groups.setdefault(math.prod(s), []).append(j)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
+    for j in wanted:
+        groups.setdefault(math.prod(shapes[j]), []).append(j)
+    out: dict[int, torch.Tensor] = {}
     for n, js in groups.items():
         z = counter_normal_streams(key, [stream(j, i) for j in js for i in range(q)], n, first).reshape(len(js), q, n)
         for t, j in enumerate(js):
             out[j] = z[t].reshape(q, *shapes[j])
-    return out
+    return [out[j] for j in wanted]
+
+
+def noise_chunks(q: int, shapes: list[tuple[int, ...]], max_values: int) -> list[list[int]]:
+    """Consecutive runs of tensor indices whose noise for q queries holds at most `max_values` values
+    (a tensor larger than that is a run of its own): how the exported step splits its draw."""
+    chunks: list[list[int]] = []
+    size = 0
+    for j, s in enumerate(shapes):
+        n = q * math.prod(s)
+        if not chunks or size + n > max_values:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(j)
+        size += n
+    return chunks
 
 
 def perturbed(b: torch.Tensor, z: torch.Tensor, eps, signs: str = "+-") -> torch.Tensor:
