@@ -11,7 +11,8 @@ benchmarks/results/footprint.jsonl:
     model, quantize, weight_cache, loop ("native" | "python"), peak_rss_mb (VmHWM of the process),
     step_s (mean train_step seconds), weights_mb (the program's constant data: named data and the
     constant segment, read from the .pte), arena_mb (the largest method's planned memory:
-    non_const_buffer_sizes), program_mb (file size), rss_start_mb (runtime / Python+torch+executorch
+    non_const_buffer_sizes; arena_by_method_mb: each method's own part, state_mb: the mutable state
+    they share), program_mb (file size), rss_start_mb (runtime / Python+torch+executorch
     imported, before the program), rss_loaded_mb (program, methods and data loaded: the packed
     weights are made here), target_mb (1.25 x (weights + arena): the native target), machine, date;
     rss_parts (anonymous / file-backed / the program's own file pages at start, after loading (native)
@@ -89,7 +90,11 @@ def program_sizes(pte: Path) -> dict:
     named = sum(nbytes(b) for b in (f.named_data.buffers if f.named_data is not None else []))
     const = sum(nbytes(b) for b in prog.constant_buffer)
     arena = max(sum(p.non_const_buffer_sizes[1:]) for p in prog.execution_plan)
-    return {"weights_mb": (named + const) / 2**20, "arena_mb": arena / 2**20, "program_mb": pte.stat().st_size / 2**20}
+    # each method's own planned memory (buffer 1) beside the mutable state all methods share (buffer 2)
+    own = {p.name: p.non_const_buffer_sizes[1] / 2**20 for p in prog.execution_plan if len(p.non_const_buffer_sizes) > 1}
+    shared = max((sum(p.non_const_buffer_sizes[2:]) for p in prog.execution_plan), default=0)
+    return {"weights_mb": (named + const) / 2**20, "arena_mb": arena / 2**20, "program_mb": pte.stat().st_size / 2**20,
+            "arena_by_method_mb": own, "state_mb": shared / 2**20}
 
 
 def mean_step_s(out: Path) -> float:

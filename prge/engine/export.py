@@ -171,10 +171,12 @@ class StepProgram(nn.Module):
     def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
         clean, layers = self._clean(g, lr), self._layers()
         # planned memory: the noise is drawn a few layers at a time, each layer's copies written in
-        # place (`_write`), and the forward starts only once all are written (`_after`)
+        # place (`_write`); the next run's draw and the forward start only once those are written
+        # (`_after`), so no delegate call holds two runs' noise at once
         for js in est.noise_chunks(self.q, self.shapes, NOISE_CHUNK_VALUES):
             for j, zz in zip(js, self._noise(key, z, js)):
                 _write(layers[j].copies, est.perturbed(clean[j], zz, eps, "+-"))
+            key = _after(key, [layers[j].copies for j in js])
         self.eps_prev.copy_(eps)
         input_ids = _after(input_ids, [m.copies for m in layers])
         return self._copy_losses(Batch(input_ids, target_pos, target_ids, target_mask, label), "copies")
