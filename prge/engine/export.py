@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -164,9 +165,9 @@ class StepProgram(nn.Module):
             return est.all_noise(key, self.q, self.shapes, tensors=js)
         if self.noise == "engine":
             return [torch.randn(self.q, *self.shapes[j]) for j in js]
-        sizes = [math.prod(s) for s in self.shapes]
-        parts = torch.split(z, sizes, dim=1)
-        return [parts[j].reshape(self.q, *self.shapes[j]) for j in js]
+        # the host's z (q, total): slice only these layers' columns (a split would copy all of z per run)
+        starts = [0, *itertools.accumulate(math.prod(s) for s in self.shapes)]
+        return [z[:, starts[j]:starts[j + 1]].reshape(self.q, *self.shapes[j]) for j in js]
 
     def train_step(self, input_ids, target_pos, target_ids, target_mask, label, lr, eps, g, key, z=None):
         clean, layers = self._clean(g, lr), self._layers()
