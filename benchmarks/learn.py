@@ -82,6 +82,33 @@ for _s in range(3):
                                              "--seed", str(_s)]
 
 
+# the skill sets on the second built-in model (base Gemma-3-270M starts at chance on all three: copa2 46.5%, copa4 26.0%,
+# wic10 13.0% test): `prge train`'s defaults for that model (300 P-RGE steps, its lr 1e-4), and backprop as above
+for _s in range(3):
+    for _n in WORDS:
+        CELLS[f"gemma-{_n}-prge-s{_s}"] = ["--model", "gemma3-270m", *skill(_n), "--seed", str(_s)]
+        CELLS[f"gemma-{_n}-fo-s{_s}"] = ["--model", "gemma3-270m", *skill(_n), "--method", "fo", "--steps", "60",
+                                         "--seed", str(_s)]
+
+
+# the label readout (`prge train --readout`, docs/optimiser.md section 7): fitted after the LoRA steps on the best
+# checkpoint, trained zeroth-order on cached final hidden states. `--steps 0` measures it alone (minutes); the
+# `-prge-readout` and `default-readout` cells are `prge train`'s defaults since it landed (300 P-RGE steps, then the readout)
+for _s in range(3):
+    for _n in WORDS:
+        CELLS[f"{_n}-readout-s{_s}"] = [*skill(_n), "--steps", "0", "--readout", "64", "--seed", str(_s)]
+        CELLS[f"{_n}-prge-readout-s{_s}"] = [*skill(_n), "--readout", "64", "--seed", str(_s)]
+        CELLS[f"gemma-{_n}-readout-s{_s}"] = ["--model", "gemma3-270m", *skill(_n), "--steps", "0", "--readout", "64",
+                                             "--seed", str(_s)]
+    CELLS[f"sst2e-readout-s{_s}"] = ["--task", "sst2", "--template", EARLIER, "--steps", "0", "--readout", "64", "--seed", str(_s)]
+    CELLS[f"default-readout-s{_s}"] = ["--readout", "64", "--seed", str(_s)]
+
+# the cells above that predate the readout ran without it (it was not there); --readout 0 keeps them meaning that
+for _c, _a in CELLS.items():
+    if "--method" not in _a and "--readout" not in _a:
+        _a += ["--readout", "0"]
+
+
 def done(cell: str) -> bool:
     return (RUNS / cell / "summary.json").is_file()
 
@@ -107,6 +134,7 @@ def cell_row(cell: str) -> dict:
             "test_before": s["test_before"], "test_after_last": s["test_after_last"], "test_after_best": s["test_after_best"],
             "best_step": s["best_step"], "best_dev": s["best_dev"], "n_test": s["n_test"], "dev_curve": dev,
             "train_seconds_to_best": sum(v for k, v in secs.items() if k <= s["best_step"]),
+            "readout": s.get("readout"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
 
 

@@ -191,6 +191,12 @@ def cmd_export(args) -> int:
             "as the device run's default (pass --eps to choose another)")
         cfg = dc.replace(cfg, eps=QUANTIZED_MIN_EPS)
     s = prepare(cfg, adapter=args.adapter)
+    from prge.zo import readout
+
+    if readout.get(s.model) is not None:
+        raise PrgeError(f"the adapter {args.adapter} holds a label readout (prge train's --readout), which exported programs "
+                        "do not carry yet", "export from a checkpoint of a run trained with --readout 0 (its checkpoints/last "
+                        "has no readout), or use the adapter in eager PyTorch")
     K = 1 if s.label_ids is not None else max(len(e.answer_ids) for e in s.train + s.dev)
     out = Path(args.out)
     if out.suffix != ".pte":

@@ -59,6 +59,10 @@ class TrainConfig:
     layers: list[int] | None = opt(None, "only wrap modules in these decoder layers (default: all)")
     lora_a: str = opt("random", "the frozen LoRA A: random (seeded Kaiming, as PEFT), activations (the top-r principal directions of each wrapped module's inputs over --lora-a-rows training rows: forward passes only; its A x is ~35x larger, so use about 1/30 of the lr; predicted 1.0-1.6x faster per step on SST-2, COPA, RTE and a user's skill set, measured 1.2-1.3x on SST-2: docs/optimiser.md), or a .safetensors file of A matrices")
     lora_a_rows: int = opt(256, "training rows whose activations choose A with --lora-a activations (one forward each)")
+    readout: int | None = opt(None, "rank r of the label readout fitted after the steps on the best checkpoint: a correction B (A h) of the label words' logits, A the top-r whitened principal directions of the final hidden state h over --readout-rows training rows, B trained zeroth-order on those cached features (one forward per row, then --readout-steps steps of small products: seconds); it teaches what h already holds but the head does not read out, e.g. answering by letter (copa4 24.5 -> 56.5%%, copa2 48 -> 90.5%% in 2-5 minutes; it cannot teach what h lacks: docs/optimiser.md section 7); saved in the adapter as LoRA on lm_head, not yet in exported programs. Default: 64 for classification tasks (label words) under prge or mezo with the class loss, else off; 0 turns it off")
+    readout_steps: int = opt(10000, "zeroth-order steps of the readout on its cached features (16 rows and --q queries each; the best dev accuracy among its evaluations every 250 steps, B = 0 included, is kept)")
+    readout_lr: float = opt(1e-2, "learning rate of the readout's steps (its inputs are whitened, so one value suits every model and task measured)")
+    readout_rows: int = opt(1000, "training rows whose final hidden states the readout is trained on (one forward each)")
     # data shape
     n_train: int | None = opt(None, "training examples sampled (seeded) from the task's train pool (default: 1000, or fewer where the task has fewer; see the README's task table)")
     n_dev: int | None = opt(None, "held-out dev examples used for periodic evaluation and best-checkpoint selection (default: 500, or what the task has left)")
@@ -102,6 +106,12 @@ class TrainConfig:
         if self.lora_a not in ("random", "activations") and not self.lora_a.endswith(".safetensors"):
             raise PrgeError(f"--lora-a {self.lora_a!r} is not random, activations or a .safetensors file",
                             "pass --lora-a random, --lora-a activations or --lora-a path/to/a.safetensors")
+        if self.readout and self.tune == "full":
+            raise PrgeError(f"--readout {self.readout} adds a low-rank readout beside LoRA, but --tune full trains no LoRA",
+                            "drop --readout (or pass --readout 0), or use --tune lora-fa")
+        if self.readout is not None and self.readout < 0 or self.readout_steps < 0 or self.readout_rows < 1:
+            raise PrgeError(f"--readout must be >= 0, --readout-steps >= 0 and --readout-rows >= 1 (got {self.readout}, "
+                            f"{self.readout_steps}, {self.readout_rows})", "pass e.g. --readout 64 --readout-steps 10000 --readout-rows 1000")
         if self.lora_a_rows < 1:
             raise PrgeError(f"--lora-a-rows must be >= 1, got {self.lora_a_rows}", "pass e.g. --lora-a-rows 256")
         if self.tune == "full" and self.method == "prge":
@@ -122,7 +132,7 @@ class TrainConfig:
 
 
 # (field, bound, strict): numbers outside these domains make no sense and are refused by `check`
-DOMAINS = (("q", 1, False), ("batch_size", 1, False), ("steps", 0, False), ("lr", 0, False), ("eps", 0, True),
+DOMAINS = (("q", 1, False), ("batch_size", 1, False), ("steps", 0, False), ("lr", 0, False), ("eps", 0, True), ("readout_lr", 0, True),
            ("rank", 1, False), ("alpha", 0, True), ("n_train", 1, False), ("n_dev", 0, False), ("n_test", 1, False),
            ("max_length", 2, False), ("eval_every", 0, False), ("checkpoint_every", 0, False), ("eval_batch_size", 1, False),
            ("seed", 0, False), ("threads", 1, False))

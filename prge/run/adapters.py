@@ -26,11 +26,13 @@ from torch import nn
 
 from prge.errors import PrgeError
 from prge.io import atomic_dir, atomic_write_json, load_tensors, resolve_dir, save_tensors, verify_dir
+from prge.zo import readout
 from prge.zo.lora import MPLoRALinear, in_out, add_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT before safetensors became the default
+READOUT_NAME = "prge_readout.json"  # marks the LM head's LoRA as prge's label readout (`prge.zo.readout`)
 PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the HF model)
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -99,11 +101,54 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_name_or_path:
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu()
+    ro, sidecar = readout.get(model), None
+    if ro is not None:  # LoRA on the LM head, rank r and alpha r, B zero outside the label rows: what PEFT loads
+        head = _head_name(model)
+        config["target_modules"] = sorted([*layers, head])
+        config["rank_pattern"], config["alpha_pattern"] = {head: ro.rank}, {head: ro.rank}
+        b = torch.zeros(model.get_output_embeddings().weight.shape[0], ro.rank)
+        b[ro.label_ids.cpu()] = ro.b.detach().cpu()
+        tensors[f"{PREFIX}{head}.lora_A.weight"] = ro.a.detach().cpu()
+        tensors[f"{PREFIX}{head}.lora_B.weight"] = b
+        sidecar = {"module": head, "label_ids": ro.label_ids.tolist()}
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         atomic_write_json(tmp / CONFIG_NAME, config)
         save_tensors(tmp / WEIGHTS_NAME, tensors)
+        if sidecar:
+            atomic_write_json(tmp / READOUT_NAME, sidecar)
     return folder
+
+
+def _head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    for name, m in model.named_modules():
+        if m is head:
+            return name
+    raise PrgeError("the model's LM head is not one of its modules", "report this as a bug in prge")
+
+
+def _split_readout(config: dict, pairs: dict, folder: Path, model: nn.Module):
+    """(pairs without the label readout's, the readout or None): the readout is the LM head's LoRA when
+    prge's READOUT_NAME file names it; rank_pattern / alpha_pattern may then name that module only."""
+    path = folder / READOUT_NAME
+    if not path.is_file():
+        return pairs, None
+    try:
+        side = json.loads(path.read_text())
+        head, ids = side["module"], torch.tensor(side["label_ids"], dtype=torch.long)
+        a, b = pairs[head]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PrgeError(f"{path} does not match the adapter's weights", "save the adapter again") from None
+    r = a.shape[0]
+    if config.get("rank_pattern") != {head: r} or config.get("alpha_pattern") not in ({head: r}, {head: float(r)}):
+        raise PrgeError(f"the adapter in {folder} has a label readout on {head} but its rank_pattern / alpha_pattern "
+                        "are not that module's rank", "save the adapter again")
+    if head != _head_name(model) or b.shape != (model.get_output_embeddings().weight.shape[0], r) \
+            or a.shape[1] != model.get_output_embeddings().weight.shape[1] or float(b.abs().sum()) != float(b[ids].abs().sum()):
+        raise PrgeError(f"the label readout in {folder} does not fit this model's LM head (or is not zero outside its label rows)",
+                        "load it onto the base model it was trained on")
+    return {k: v for k, v in pairs.items() if k != head}, readout.Readout(a, ids, b[ids])
 
 
 def _read_config(folder: Path) -> dict:
@@ -195,8 +240,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
         raise PrgeError(f"adapter folder {folder} does not exist", "pass the folder given to save_adapter / save_pretrained")
     verify_dir(folder)  # its SHA256SUMS, when prge wrote it
     config = _read_config(folder)
-    rank, alpha = _check_config(config, folder)
-    pairs = _pairs(_read_weights(folder), folder)
+    has_readout = (folder / READOUT_NAME).is_file()  # its rank/alpha patterns are checked by _split_readout
+    rank, alpha = _check_config({**config, "rank_pattern": {}, "alpha_pattern": {}} if has_readout else config, folder)
+    pairs, ro = _split_readout(config, _pairs(_read_weights(folder), folder), folder, model)
 
     modules = dict(model.named_modules())
     missing = sorted(n for n in pairs if n not in modules)
@@ -231,6 +277,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             m.lora_A.copy_(a)
             m.lora_B.copy_(b)
             m.copies.copy_(m.lora_B.expand_as(m.copies))  # "copies" start as the clean B (see set_copies)
+    readout.attach(model, ro)
     return names
 
 
@@ -240,7 +287,9 @@ def merge(model: nn.Module) -> nn.Module:
     The result is a plain Hugging Face model: it saves, loads and exports like the original, with
     no LoRA overhead. The product is formed in float32 and rounded once into the weight's dtype.
     A layer whose weight is shared with another module (an LM head tied to the embeddings) is
-    refused: merging into it would change the embeddings too.
+    refused: merging into it would change the embeddings too. A label readout (`prge.zo.readout`) is
+    folded into the head's label rows; a head tied to the embeddings is untied first (the merged model
+    stores its own head: vocab × hidden more values on disk).
     """
     layers = lora_layers(model)
     shared = _shared_weights(model)
@@ -248,6 +297,18 @@ def merge(model: nn.Module) -> nn.Module:
         if id(m.base.weight) in shared:
             raise PrgeError(f"cannot merge LoRA on {name}: its weight is tied to another module",
                             "train LoRA on layers whose weights are not tied (e.g. not lm_head with tied embeddings)")
+    ro = readout.get(model)
+    if ro is not None:  # the label readout is LoRA on the head's label rows: W_L += B A
+        head = model.get_output_embeddings()
+        if id(head.weight) in shared:  # tied to the input embeddings: the merged model gets a head of its own
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+            if getattr(model.config, "get_text_config", None):
+                model.config.get_text_config().tie_word_embeddings = False
+        w = head.weight
+        with torch.no_grad():
+            w[ro.label_ids] = (w[ro.label_ids].float() + ro.b.float() @ ro.a.float()).to(w.dtype)
+        readout.attach(model, None)
     with torch.no_grad():
         for name, m in layers.items():
             w = m.base.weight

@@ -20,6 +20,8 @@ from torch import nn
 
 from prge.data.batch import Batch
 
+READOUT = "prge_readout"  # the attribute holding a trained label readout (`prge.zo.readout`), if any
+
 
 def body(model: nn.Module) -> nn.Module:
     """The decoder without its LM head (model.model for Llama/Qwen2/Gemma/OPT, .transformer for GPT-2)."""
@@ -32,14 +34,24 @@ def hidden_at(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
     return torch.gather(h, 1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
-def head(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits from hidden states: the whole vocabulary, or only the head's `rows` (token ids)."""
+def label_head(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's logits (all rows, or `rows`) before any readout and soft-capping."""
     lm = model.get_output_embeddings()
     w, b = lm.weight, lm.bias
     if rows is not None:
         w = w[rows]
         b = None if b is None else b[rows]
-    logits = nn.functional.linear(h.to(w.dtype), w, b).float()
+    return nn.functional.linear(h.to(w.dtype), w, b).float()
+
+
+def head(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from hidden states: the whole vocabulary, or only the head's `rows` (token ids).
+
+    A label readout on the model (`prge.zo.readout`) adds its correction when `rows` are its label words."""
+    logits = label_head(model, h, rows)
+    ro = getattr(model, READOUT, None)
+    if ro is not None and rows is not None and ro.label_ids.tolist() == rows.tolist():
+        logits = logits + ro(h)
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma
     if cap:
         logits = torch.tanh(logits / cap) * cap
