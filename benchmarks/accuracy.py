@@ -58,7 +58,8 @@ RUNS = ROOT / "runs" / "accuracy"
 
 ZO_STEPS = 300  # every zeroth-order cell (9,600 row-forwards); equal forward passes across ZO methods
 FO_STEPS = 100  # backprop LoRA-FA with Adam, batch 16
-COMMON = {"model": "smollm2-135m", "eval_every": 100, "threads": 1, "progress": False}
+COMMON = {"model": "smollm2-135m", "eval_every": 100, "threads": 1, "progress": False,
+          "readout": 0}  # the tables compare the steps themselves; the label readout is measured in learn.py
 
 # The zeroth-order settings are `prge train`'s defaults (the part-2 sweep's winner, see the README);
 # only q and b change between the ZO methods.

@@ -135,7 +135,7 @@ def small_model(folder: Path) -> str:
 
 def train_args(model: str, q: int, steps: int, out: Path) -> list[str]:
     return ["train", "--model", model, "--task", "sst2", "--q", str(q), "--batch-size", "4", "--steps", str(steps),
-            "--eval-every", "0", "--checkpoint-every", "0", "--n-dev", "8", "--n-test", "8", "--no-progress", "--out", str(out)]
+            "--eval-every", "0", "--checkpoint-every", "0", "--n-dev", "8", "--n-test", "8", "--readout", "0", "--no-progress", "--out", str(out)]
 
 
 def launch(procs: int, threads: int, args: list[str]) -> list[str]:
@@ -193,7 +193,7 @@ def tta(steps_n: int, eval_every: int, n_dev: int, seed: int, runs: Path) -> Non
         out = runs / f"tta-q{q}-w{procs}-s{seed}"
         args = ["train", "--model", "smollm2-135m", "--task", "sst2", "--template", EARLIER_SST2_TEMPLATE, "--q", str(q),
                 "--lr", lr, "--steps", str(steps_n), "--eval-every", str(eval_every), "--n-dev", str(n_dev),
-                "--seed", str(seed), "--no-progress", "--out", str(out)]
+                "--seed", str(seed), "--readout", "0", "--no-progress", "--out", str(out)]
         if (out / "checkpoints" / "last").is_dir() and not (out / "summary.json").is_file():
             args += ["--resume", str(out)]
         if not (out / "summary.json").is_file():

@@ -56,7 +56,7 @@ def main() -> None:
             continue
         resume = str(run_dir) if (run_dir / "checkpoints" / "last").is_dir() else None  # killed earlier: continue it exactly
         t = time.time()
-        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume}), stop_after=args.stop_after)
+        summary = run(TrainConfig(**{**kw, "out": str(run_dir), "progress": False, "resume": resume, "readout": 0}), stop_after=args.stop_after)
         dev = [r for _, r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "dev"]
         curve = [(r["step"], r["accuracy"]) for r in dev]
         append_jsonl(Path(args.out), {"overrides": kw, "dev_curve": curve, "dev_loss_curve": [(r["step"], r["loss"]) for r in dev],
