@@ -171,7 +171,7 @@ def cmd_merge(args) -> int:
 EXPORT_FIELDS = ("model", "task", "data_root", "train_file", "eval_file", "template", "label_words", "q", "batch_size",
                  "loss", "rank", "alpha", "targets", "layers", "n_train", "n_dev", "max_length", "truncate", "seed",
                  "threads", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize", "lora_a",
-                 "lora_a_rows")
+                 "lora_a_rows", "readout", "readout_steps", "readout_lr", "readout_rows")
 
 
 def cmd_export(args) -> int:
@@ -180,7 +180,7 @@ def cmd_export(args) -> int:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import QUANTIZED_MIN_EPS, RUN_DEFAULTS, write_dataset
+    from prge.engine.formats import QUANTIZED_MIN_EPS, READOUT_DEFAULTS, RUN_DEFAULTS, write_dataset
     from prge.log import say
     from prge.run.train import prepare
 
@@ -193,10 +193,10 @@ def cmd_export(args) -> int:
     s = prepare(cfg, adapter=args.adapter)
     from prge.zo import readout
 
-    if readout.get(s.model) is not None:
-        raise PrgeError(f"the adapter {args.adapter} holds a label readout (prge train's --readout), which exported programs "
-                        "do not carry yet", "export from a checkpoint of a run trained with --readout 0 (its checkpoints/last "
-                        "has no readout), or use the adapter in eager PyTorch")
+    if readout.get(s.model) is not None:  # fitted on the features of this adapter's model: stale once the device trains
+        say(f"prge export: the label readout in {args.adapter} is not carried into the program; `prge device-train` fits "
+            "its own after its steps, as `prge train` does (--readout 0 turns that off)")
+        readout.attach(s.model, None)
     K = 1 if s.label_ids is not None else max(len(e.answer_ids) for e in s.train + s.dev)
     out = Path(args.out)
     if out.suffix != ".pte":
@@ -208,7 +208,7 @@ def cmd_export(args) -> int:
                               max_length=cfg.max_length, answer_slots=K, loss=s.loss_kind, noise=args.noise,
                               quantize=None if args.quantize == "none" else args.quantize, out_path=out, model_name=cfg.model,
                               eval_batch_size=args.eval_batch_size, log=say, ranks=args.ranks,
-                              run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS})
+                              run_defaults={k: getattr(cfg, k) for k in RUN_DEFAULTS + READOUT_DEFAULTS})
     data = out.with_suffix(".data.safetensors")
     write_dataset(data, s, manifest)
     launcher = f"torchrun --nproc-per-node {args.ranks} -m prge" if args.ranks > 1 else "prge"
@@ -228,22 +228,37 @@ def device_run_options(args) -> dict:
     return {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k)) for k in RUN_DEFAULTS}
 
 
+def device_readout_options(args):
+    """The device run's label readout settings, chosen as `device_run_options` chooses the others."""
+    from prge.config import TrainConfig
+    from prge.engine.formats import READOUT_DEFAULTS, load_manifest
+    from prge.engine.runtime import ReadoutSettings
+
+    recorded = load_manifest(args.program).get("run_defaults") or {}
+    defaults = TrainConfig()
+    v = {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k)) for k in READOUT_DEFAULTS}
+    return ReadoutSettings(v["readout"], v["readout_steps"], v["readout_lr"], v["readout_rows"])
+
+
 def cmd_device_train(args) -> int:
     from pathlib import Path
 
     from prge.engine.formats import check_eps, load_manifest
-    from prge.engine.runtime import check_loop_settings, device_train
+    from prge.engine.runtime import check_loop_settings, check_readout_settings, device_train
 
     data = args.data or str(Path(args.program).with_suffix(".data.safetensors"))
     opts = device_run_options(args)
     check_loop_settings(**opts)  # before either loop starts (the native one included)
     check_eps(load_manifest(args.program), opts["eps"])
+    ro = device_readout_options(args)
+    check_readout_settings(ro)
     if getattr(args, "native", False):
         from prge.engine.native import native_train
 
-        native_train(args.program, data, args.out, resume=args.resume, weight_cache=args.weight_cache, **opts)
+        native_train(args.program, data, args.out, resume=args.resume, weight_cache=args.weight_cache, readout=ro, **opts)
         return 0
-    device_train(args.program, data, args.out, resume=args.resume, progress=args.progress, weight_cache=args.weight_cache, **opts)
+    device_train(args.program, data, args.out, resume=args.resume, progress=args.progress, weight_cache=args.weight_cache,
+                 readout=ro, **opts)
     return 0
 
 
@@ -355,7 +370,15 @@ def parser() -> argparse.ArgumentParser:
                         "(less memory, same results; also for --native); default: on")
     d.add_argument("--native", action="store_true",
                    help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
-                        "instead of the Python loop: same steps, losses, checkpoints and adapter")
+                        "instead of the Python loop: same steps, losses, checkpoints and adapter (the label readout, "
+                        "a host step, still runs in Python after it)")
+    d.add_argument("--readout", type=int,
+                   help="rank of the label readout fitted after the steps on the best checkpoint, as prge train fits it "
+                        "(the program's features method gives the hidden states, the host trains it in seconds; it is "
+                        "written into OUT/checkpoints/best/adapter); 0: off; " + run_help.format("64 for classification programs"))
+    d.add_argument("--readout-steps", type=int, help="the readout's zeroth-order steps; " + run_help.format(train_defaults.readout_steps))
+    d.add_argument("--readout-lr", type=float, help="the readout's learning rate; " + run_help.format(train_defaults.readout_lr))
+    d.add_argument("--readout-rows", type=int, help="training rows the readout reads; " + run_help.format(train_defaults.readout_rows))
     d.set_defaults(func=cmd_device_train)
 
     ts = sub.add_parser("tasks", help="list the built-in tasks")

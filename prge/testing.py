@@ -180,3 +180,21 @@ def save_tiny(path: str | os.PathLike, arch: str = "llama", seed: int = 0) -> st
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def peft_label_logits(model_dir: str | os.PathLike, adapter: str | os.PathLike, batch, label_ids: torch.Tensor) -> torch.Tensor:
+    """The label words' logits at each row's answer position from `peft.PeftModel.from_pretrained` of the
+    base model in `model_dir` with `adapter`: what PEFT users get from an adapter prge wrote."""
+    import warnings
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        full = pm(input_ids=batch.input_ids).logits
+    pos = batch.target_pos[:, 0]
+    return full[torch.arange(len(pos)), pos][:, label_ids]

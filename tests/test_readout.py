@@ -7,7 +7,6 @@ tiny random model's final hidden state separates the labels while its head's lab
 """
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from prge.data.batch import collate
 from prge.errors import PrgeError
 from prge.run import adapters
 from prge.run.train import prepare, run
-from prge.testing import save_tiny
+from prge.testing import peft_label_logits, save_tiny
 from prge.zo import readout
 from prge.zo.loss import label_scores
 
@@ -84,7 +83,7 @@ def _trained(tiny, data, tmp_path):
 
 
 def test_adapter_round_trip_peft_and_merge(tiny, data, tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     c, best = _trained(tiny, data, tmp_path)
     s = prepare(c, adapter=str(best))
     assert readout.get(s.model) is not None
@@ -93,16 +92,7 @@ def test_adapter_round_trip_peft_and_merge(tiny, data, tmp_path):
     bare = prepare(c, adapter=None)
     assert not torch.allclose(ours, label_scores(bare.model, batch, bare.label_ids), atol=1e-3)  # the readout acts
 
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(base, best).eval()
-    with torch.no_grad():
-        full = pm(input_ids=batch.input_ids).logits
-    pos = batch.target_pos[:, 0]
-    theirs = full[torch.arange(len(pos)), pos][:, s.label_ids]
+    theirs = peft_label_logits(tiny, best, batch, s.label_ids)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
     emb = s.model.get_input_embeddings().weight.detach().clone()
@@ -144,14 +134,3 @@ def test_bad_readout_options_are_one_clear_line(tiny, data, tmp_path, capsys, ex
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
     assert not (out / "checkpoints").exists()
-
-
-def test_export_refuses_an_adapter_with_a_readout(tiny, data, tmp_path, capsys):
-    _, best = _trained(tiny, data, tmp_path)
-    out = tmp_path / "p.pte"
-    code = main(["export", "--model", tiny, "--train-file", str(data[0]), "--eval-file", str(data[1]), "--label-words", "great",
-                 "terrible", "--adapter", str(best), "--out", str(out)])
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "label readout" in lines[0], err
-    assert not out.exists()

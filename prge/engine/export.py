@@ -20,6 +20,10 @@ copies of B) into one `.pte` with these methods, all sharing the program's mutab
     evaluate(input_ids, target_pos, target_ids, target_mask, g, lr) -> (loss_sum (N,), correct (N,))
                                          per-example summed answer CE and correct tokens (loss "lm")
 
+    features(input_ids, target_pos, g, lr) -> (scores f32 (N,L), h f32 (N,H))   (classification)
+                                         the head's label-word logits before any soft-cap, and the
+                                         final hidden state at the answer position: what the label
+                                         readout's host step (`prge.zo.readout.fit_features`) reads
 A program exported with `ranks` > 1 is one rank's part of an engine fleet (`StepProgram.fleet`,
 `prge.engine.fleet`): train_step takes the rank's first global query id as a last input, a method
 `update(g, lr, key)` applies the update from all q values of g, and the state is the clean B.
@@ -66,7 +70,7 @@ from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENT
                                   identity_sha256, lora_a_path, manifest_path, seal)
 from prge.errors import PrgeError
 from prge.zo.lora import lora_layers, set_copies, using
-from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_scores
+from prge.zo.loss import copy_losses, cross_entropy, head, hidden_at, label_head, label_scores
 
 NOISE_MODES = ("counter", "host", "engine")
 QUANTIZE_MODES = (None, "8da4w", "8da8w")
@@ -224,6 +228,11 @@ class StepProgram(nn.Module):
         with using(self.model, [b[None] for b in self._clean(g, lr)]):
             return label_scores(self.model, Batch(input_ids, target_pos, None, None, None), self.label_ids)
 
+    def features(self, input_ids, target_pos, g, lr):
+        with using(self.model, [b[None] for b in self._clean(g, lr)]):
+            h = hidden_at(self.model, input_ids, target_pos)[:, 0].float()
+            return label_head(self.model, h, self.label_ids), h
+
     def evaluate_lm(self, input_ids, target_pos, target_ids, target_mask, g, lr):
         with using(self.model, [b[None] for b in self._clean(g, lr)]):
             h = hidden_at(self.model, input_ids, target_pos)
@@ -276,6 +285,7 @@ def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, los
     ev = batch(n_eval)
     if with_labels:
         inputs["evaluate"] = (ev[0], ev[1][:, :1].clone(), torch.zeros(q), scalar())
+        inputs["features"] = (ev[0].clone(), ev[1][:, :1].clone(), torch.zeros(q), scalar())
     else:
         inputs["evaluate"] = (ev[0], ev[1], ev[2], ev[3], torch.zeros(q), scalar())
     inputs["forward_losses"] = batch(b)
@@ -308,6 +318,8 @@ METHOD_SIGNATURES = {
     "evaluate_lm": "(input_ids i64 (N,T), target_pos i64 (N,K), target_ids i64 (N,K), target_mask f32 (N,K), "
                    "g f32 (q,), lr f32 (1,)) -> (ce_sum f32 (N,), correct f32 (N,))",
     "forward_losses": "(input_ids, target_pos, target_ids, target_mask, label as train_step) -> losses f32 (2q,)",
+    "features": "(input_ids i64 (N,T), target_pos i64 (N,1), g f32 (q,), lr f32 (1,)) -> (scores f32 (N,L) before any "
+                "soft-cap, h f32 (N,H) the final hidden state at the answer position)",
 }
 
 
@@ -450,10 +462,15 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels, ranks)
     if ranks > 1 and "update" not in methods:
         methods = tuple(methods) + ("update",)
+    readout = with_labels and loss == "class"  # the label readout's features (`prge.zo.readout`), on the device too
+    if readout and "features" not in methods and set(METHODS) <= set(methods):
+        methods = tuple(methods) + ("features",)
     eval_name = "evaluate_class" if with_labels else "evaluate_lm"
-    unknown = set(methods) - set(METHODS) - {"forward_losses", "update"}
+    unknown = set(methods) - set(METHODS) - {"forward_losses", "update", "features"}
     if unknown:
-        raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + ('forward_losses',)}")
+        raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + ('forward_losses', 'features')}")
+    if "features" in methods and not readout:
+        raise PrgeError("the features method reads the label words' logits", "export a classification task with --loss class")
     names = {m: (eval_name if m == "evaluate" else m) for m in methods}
     t0 = time.time()
     programs = {}
@@ -470,7 +487,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
                  "min_eps": QUANTIZED_MIN_EPS if quantize else 0.0}
     described["identity_sha256"] = identity_sha256(described)
     t0 = time.time()
-    data = lower(programs, {"train_step", "evaluate", "forward_losses"},
+    data = lower(programs, {"train_step", "evaluate", "forward_losses", "features"},
                  {method: described[field] for method, field in CONSTANT_METHODS.items()})
     log(f"lowered in {time.time() - t0:.0f} s; program {len(data) / 1e6:.1f} MB")
     io.atomic_write_bytes(out_path, data)
@@ -530,6 +547,9 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         "identity_sha256": described["identity_sha256"],
         "constant_methods": sorted(CONSTANT_METHODS),
     }
+    if "features" in names:  # what the device's label readout needs to write its PEFT adapter and logits
+        manifest["readout"] = {"head": adapters.head_name(model), "hidden_size": int(model.get_output_embeddings().weight.shape[1]),
+                               "softcap": getattr(model.config, "final_logit_softcapping", None)}
     assert {k: manifest[k] for k in IDENTITY} == {k: described[k] for k in IDENTITY}, "the program's identity drifted from its manifest"
     if noise == "engine":
         manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "

@@ -50,6 +50,8 @@ IDENTITY = {
 SPLIT_FIELDS = ("input_ids", "target_pos", "target_ids", "target_mask", "label")
 # the options of a device run that a program records at export ("run_defaults" in the manifest)
 RUN_DEFAULTS = ("seed", "steps", "lr", "eps", "lr_schedule", "eval_every", "checkpoint_every", "normalize")
+# and those of the label readout's host step after the loop (`prge.engine.runtime.fit_readout`)
+READOUT_DEFAULTS = ("readout", "readout_steps", "readout_lr", "readout_rows")
 # the methods `prge export` writes by default and training needs (the C++ runner loads the same list)
 METHODS = ("train_step", "read_state", "read_raw", "write_raw", "evaluate")
 # what a program says about itself: constant methods of the .pte (as ExecuTorch's LLM export passes
@@ -102,7 +104,7 @@ def _is_int(x, low: int = 0) -> bool:
 
 
 # fields older manifests lack (checked when present)
-OPTIONAL_FIELDS = {"run_defaults", "min_eps"}
+OPTIONAL_FIELDS = {"run_defaults", "min_eps", "readout"}
 # the fields the loops read, with what each must be
 _MANIFEST_FIELDS = {
     "q": lambda x: _is_int(x, 1), "copies": lambda x: _is_int(x, 2), "total": lambda x: _is_int(x, 1),
@@ -118,6 +120,8 @@ _MANIFEST_FIELDS = {
         for layer in x),
     "run_defaults": lambda x: isinstance(x, dict),
     "min_eps": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1,
+    "readout": lambda x: isinstance(x, dict) and isinstance(x.get("head"), str) and _is_int(x.get("hidden_size"), 1)
+    and (x.get("softcap") is None or isinstance(x["softcap"], (int, float))),
 }
 
 
@@ -260,9 +264,11 @@ def check_data_shapes(tensors: dict[str, torch.Tensor], manifest: dict, path) ->
             raise PrgeError(f"{path}: token ids outside the program's vocabulary", "write the data for this program")
 
 
-def write_adapter(folder: str | os.PathLike, manifest: dict, lora_a: dict[str, torch.Tensor], b_flat: torch.Tensor) -> Path:
+def write_adapter(folder: str | os.PathLike, manifest: dict, lora_a: dict[str, torch.Tensor], b_flat: torch.Tensor,
+                  readout=None) -> Path:
     """Write a PEFT LoRA adapter from the flat clean B (read_state) and the export-time A matrices,
-    in exactly the format of `prge.run.adapters.save_adapter` (the config was taken from it at export)."""
+    in exactly the format of `prge.run.adapters.save_adapter` (the config was taken from it at export),
+    with the device's label `readout` (`prge.zo.readout.Readout`) on the LM head if given."""
     tensors = {}
     for layer in manifest["layers"]:
         name, (out, r), off = layer["name"], layer["shape"], layer["offset"]
@@ -271,10 +277,19 @@ def write_adapter(folder: str | os.PathLike, manifest: dict, lora_a: dict[str, t
             raise PrgeError(f"the program's A matrices lack {name}", "re-export the program")
         tensors[a_key] = lora_a[a_key]
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b_flat[off:off + out * r].reshape(out, r).clone()
+    config, sidecar = json.loads(json.dumps(manifest["adapter_config"])), None
+    if readout is not None:
+        from prge.zo.readout import add_to_peft
+
+        sidecar = add_to_peft(readout, manifest["readout"]["head"], manifest["vocab_size"], config, tensors, PEFT_PREFIX)
     folder = Path(folder)
     with io.atomic_dir(folder) as tmp:
-        io.atomic_write_json(Path(tmp) / ADAPTER_CONFIG, manifest["adapter_config"])
+        io.atomic_write_json(Path(tmp) / ADAPTER_CONFIG, config)
         io.save_tensors(Path(tmp) / ADAPTER_WEIGHTS, tensors)
+        if sidecar:
+            from prge.zo.readout import SIDECAR
+
+            io.atomic_write_json(Path(tmp) / SIDECAR, sidecar)
     return folder
 
 

@@ -313,12 +313,21 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  normalize: bool = False, lr_schedule: str = "constant", stop_after: int | None = None,
                  checkpoint_every: int = 25, binary: str | os.PathLike | None = None,
                  threads: int | None = None, weight_cache: bool = True, launcher: list[str] | None = None,
-                 log=None) -> dict:
-    """`device.device_train` through the C++ binary; the same run folder, adapters and summary."""
+                 readout=None, log=None) -> dict:
+    """`device.device_train` through the C++ binary; the same run folder, adapters and summary.
+
+    The label readout (`readout`, a `runtime.ReadoutSettings`; default `prge train`'s) is the host step
+    `runtime.fit_readout`, run here in Python through the runtime's Python API after the binary ends
+    (the C++ runner does not fit it: a device without Python runs with --readout 0)."""
+    from prge.engine.runtime import ReadoutSettings, check_readout_settings
+
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    readout = readout or ReadoutSettings()
+    check_readout_settings(readout)
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
     check_manifest_fields(manifest, manifest_path(program_path))
+    readout_rank = readout.resolved(manifest, program_path)
     tensors, meta = read_dataset(data_path)
     check_manifest(manifest, meta)
     check_data_shapes(tensors, manifest, data_path)
@@ -385,6 +394,14 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                    "best_step": info["best_step"], "adapter": str(out_dir / "adapter"),
                    "best_adapter": str(ckpts / "best" / "adapter"), "native": True, "step_seconds": info["step_seconds"],
                    "peak_rss_mb": info["peak_rss_mb"], "prge_version": prge.__version__}
+        if readout_rank:
+            from prge.engine.runtime import Engine, fit_readout
+            from prge.zo.schedule import lr_at
+
+            engine = Engine(program_path, manifest, weight_cache=weight_cache, log=log)
+            summary["readout"] = fit_readout(engine, tensors, lora_a, ckpts / "best", readout, readout_rank, seed=seed, eps=eps,
+                                             lr_of=lambda step: lr_at(lr, lr_schedule, step, steps), log=log)
+            summary["minutes"] += summary["readout"]["minutes"]
         io.atomic_write_json(out_dir / "summary.json", summary)
         return summary
 

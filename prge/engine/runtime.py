@@ -34,12 +34,15 @@ import contextlib
 import json
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import prge
 from prge.zo import estimator as est
+from prge.zo import readout
 from prge import io
 from prge.data.batch import step_indices
 from prge.engine.formats import (METHODS, SPLIT_FIELDS, check_data_shapes, check_eps, check_manifest, check_manifest_fields,
@@ -265,6 +268,81 @@ class EngineStepper:
         return self.engine("read_state", self.g, scalar(self.lr_of(step)))[0]
 
 
+# ------------------------------------------------------------------------------------------------
+# the label readout: a host step after the loop
+
+
+@dataclass
+class ReadoutSettings:
+    """`prge train`'s --readout options, for the device: rank (None: 64 where the program can, 0: off)."""
+    rank: int | None = None
+    steps: int = 10000
+    lr: float = 1e-2
+    rows: int = 1000
+
+    def resolved(self, manifest: dict, program_path) -> int:
+        """The rank this run fits: the program needs its `features` method (`prge export` adds it to
+        classification programs with loss "class"; programs exported before it existed lack it)."""
+        can = "features" in manifest.get("methods", {}) and isinstance(manifest.get("readout"), dict)
+        if self.rank is None:
+            return 64 if can else 0
+        if self.rank and not can:
+            raise PrgeError(f"--readout {self.rank} needs the program's features method, which {program_path} lacks "
+                            "(it is exported for classification programs with --loss class)",
+                            "export the program again with this prge, or pass --readout 0")
+        return self.rank
+
+
+def device_features(engine: Engine, tensors: dict, split: str, rows: int, g: torch.Tensor, lr: float) -> readout.Features:
+    """The first `rows` rows of a split through the program's `features` method: the readout's inputs."""
+    m = engine.manifest
+    n, N = min(rows, tensors[f"{split}_input_ids"].shape[0]), m["eval_batch_size"]
+    base, hs = [], []
+    for start in range(0, n, N):
+        idx = list(range(start, min(start + N, n)))
+        k = len(idx)
+        ids, pos = split_rows(tensors, split, idx + [idx[0]] * (N - k))[:2]  # static batch: fill with a repeat
+        scores, h = engine("features", ids, pos[:, :1].contiguous(), g, scalar(lr))
+        base.append(scores[:k])
+        hs.append(h[:k])
+    return readout.Features(torch.cat(hs), tensors[f"{split}_label"][:n].long(), torch.cat(base))
+
+
+def fit_readout(engine: Engine, tensors: dict, lora_a: dict, best: Path, settings: ReadoutSettings, rank: int, *, seed: int,
+                eps: float, lr_of, log=say) -> dict:
+    """The label readout (`prge.zo.readout`) on the best checkpoint, as `prge train` fits it after its
+    steps: the program's state is set to that checkpoint (`write_raw`), its `features` method gives the
+    hidden states of the first `rows` training rows and of the dev rows, and `readout.fit_features`
+    (the eager trainer's own function) fits it on the host. The best checkpoint's adapter is rewritten
+    with the readout on the LM head (PEFT). Returns the summary's "readout" entry."""
+    m = engine.manifest
+    raw, g, state = load_checkpoint(best, m)
+    engine("write_raw", raw)
+    lr_b = lr_of(state["step"])
+    t0 = time.time()
+    train = device_features(engine, tensors, "train", settings.rows, g, lr_b)
+    n_dev = tensors["dev_input_ids"].shape[0] if "dev_input_ids" in tensors else 0
+    dev = device_features(engine, tensors, "dev", n_dev, g, lr_b) if n_dev else train
+    fit = readout.fit_features(train, dev, torch.tensor(m["label_ids"]), rank=rank, steps=settings.steps, lr=settings.lr,
+                               q=m["q"], eps=eps, seed=seed, cap=m["readout"].get("softcap"))
+    fit.seconds_features = time.time() - t0 - fit.seconds_steps
+    write_adapter(io.resolve_dir(best) / "adapter", m, lora_a, engine("read_state", g, scalar(lr_b))[0], readout=fit.readout)
+    log(f"label readout (rank {fit.readout.rank}) on the best checkpoint (step {state['step']}): dev {fit.dev_before:.4f} -> "
+        f"{fit.dev_after:.4f} (best of {settings.steps} steps at step {fit.best_step}); features {fit.seconds_features:.0f} s, "
+        f"steps {fit.seconds_steps:.1f} s")
+    return {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
+            "best_step": fit.best_step, "steps": settings.steps, "checkpoint_step": state["step"],
+            "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
+
+
+def check_readout_settings(settings: ReadoutSettings) -> None:
+    for name, v, low in (("readout", settings.rank, 0), ("readout_steps", settings.steps, 0), ("readout_rows", settings.rows, 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise PrgeError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}"[:200], f"pass --{name.replace('_', '-')} {max(low, 1)} or more")
+    if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
+        raise PrgeError(f"--readout-lr must be a finite number > 0, got {settings.lr!r}"[:200], "pass e.g. --readout-lr 1e-2")
+
+
 def check_loop_settings(**settings) -> None:
     """A device run's settings (from flags, or from the program's recorded run_defaults) are numbers in
     their domain: integers >= 0, a finite lr >= 0, a finite eps > 0, a bool normalize."""
@@ -286,9 +364,12 @@ def check_loop_settings(**settings) -> None:
 def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  steps: int, lr: float, eps: float, seed: int = 0, eval_every: int = 50, resume: bool = False,
                  normalize: bool = False, lr_schedule: str = "constant", progress: bool = True,
-                 stop_after: int | None = None, checkpoint_every: int = 25, weight_cache: bool = True, log=say) -> dict:
+                 stop_after: int | None = None, checkpoint_every: int = 25, weight_cache: bool = True,
+                 readout: ReadoutSettings | None = None, log=say) -> dict:
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
+    After the last step the label readout (`readout`, default: `prge train`'s) is fitted on the best
+    checkpoint as a host step (`fit_readout`) and written into that checkpoint's adapter.
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
     (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`prge.zo.schedule.lr_at`)
     decays the lr over `steps`. `stop_after` ends early after that step with a checkpoint (tests use
@@ -299,9 +380,12 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     check_loop_settings(steps=steps, lr=lr, eps=eps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
                         normalize=normalize, lr_schedule=lr_schedule)
     check_schedule(lr_schedule)
+    readout = readout or ReadoutSettings()
+    check_readout_settings(readout)
     program_path, out_dir = Path(program_path), Path(out_dir)
     manifest = load_manifest(program_path)
     check_manifest_fields(manifest, manifest_path(program_path))
+    readout_rank = readout.resolved(manifest, program_path)
     missing = [m for m in METHODS if m not in manifest.get("methods", {})]
     if missing:
         raise PrgeError(f"{program_path} lacks the methods {missing} that training needs", "export it with `prge export`")
@@ -317,7 +401,8 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     lora_a = io.load_tensors(lora_a_path(program_path))
     started = out_dir.is_dir() and any(out_dir.iterdir())  # a run stopped before its first checkpoint left files
     run = {"steps": steps, "lr": lr, "eps": eps, "seed": seed, "eval_every": eval_every, "resume": resume, "normalize": normalize,
-           "lr_schedule": lr_schedule, "progress": progress, "stop_after": stop_after, "checkpoint_every": checkpoint_every}
+           "lr_schedule": lr_schedule, "progress": progress, "stop_after": stop_after, "checkpoint_every": checkpoint_every,
+           "readout": readout, "readout_rank": readout_rank}
     if manifest.get("ranks", 1) == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process
         with run_lock(out_dir, log=log):
             return _device_run(program_path, out_dir, manifest, tensors, lora_a, **run, log=log, started=started,
@@ -328,7 +413,8 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
 
     fleet.check_world(manifest, program_path)  # a fleet program alone, or a one-process program under torchrun
 
-    settings = {k: v for k, v in run.items() if k not in ("progress", "resume")}
+    settings = {k: v for k, v in run.items() if k not in ("progress", "resume", "readout")}
+    settings["readout"] = vars(readout)
     share = fleet.join(manifest, io.tensors_sha256(tensors), settings)
     try:
         rank0 = share.rank == 0
@@ -342,7 +428,7 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
 
 def _device_run(program_path: Path, out_dir: Path, manifest: dict, tensors: dict, lora_a: dict, *, steps, lr, eps, seed,
                 eval_every, resume, normalize, lr_schedule, progress, stop_after, checkpoint_every, log, started,
-                weight_cache=True, share=None) -> dict | None:
+                weight_cache=True, share=None, readout: ReadoutSettings | None = None, readout_rank: int = 0) -> dict | None:
     """`device_train` after its checks, with the run folder locked (by rank 0 of a fleet, `share`,
     which alone writes; the other ranks return None)."""
     stepper = EngineStepper(Engine(program_path, manifest, weight_cache=weight_cache, log=log), tensors, lora_a, seed=seed, lr=lr, lr_schedule=lr_schedule,
@@ -374,6 +460,10 @@ def _device_run(program_path: Path, out_dir: Path, manifest: dict, tensors: dict
                "dev_before": state["before"], "dev_after": last_acc, "best_dev": state["best_accuracy"],
                "best_step": state["best_step"], "adapter": str(out_dir / "adapter"),
                "best_adapter": str(out_dir / "checkpoints" / "best" / "adapter"), "prge_version": prge.__version__}
+    if readout_rank:
+        summary["readout"] = fit_readout(stepper.engine, tensors, lora_a, out_dir / "checkpoints" / "best", readout, readout_rank,
+                                         seed=seed, eps=eps, lr_of=stepper.lr_of, log=log)
+        summary["minutes"] += summary["readout"]["minutes"]
     io.atomic_write_json(out_dir / "summary.json", summary)
     log(f"device training done: {steps} steps in {state['seconds'] / 60:.1f} min; dev accuracy "
         f"{state['before'] if state['before'] is not None else float('nan'):.4f} -> "

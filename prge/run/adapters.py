@@ -32,7 +32,7 @@ from prge.zo.lora import MPLoRALinear, in_out, add_lora, lora_layers
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT before safetensors became the default
-READOUT_NAME = "prge_readout.json"  # marks the LM head's LoRA as prge's label readout (`prge.zo.readout`)
+READOUT_NAME = readout.SIDECAR  # marks the LM head's LoRA as prge's label readout (`prge.zo.readout`)
 PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the HF model)
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -102,15 +102,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_name_or_path:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu()
     ro, sidecar = readout.get(model), None
-    if ro is not None:  # LoRA on the LM head, rank r and alpha r, B zero outside the label rows: what PEFT loads
-        head = _head_name(model)
-        config["target_modules"] = sorted([*layers, head])
-        config["rank_pattern"], config["alpha_pattern"] = {head: ro.rank}, {head: ro.rank}
-        b = torch.zeros(model.get_output_embeddings().weight.shape[0], ro.rank)
-        b[ro.label_ids.cpu()] = ro.b.detach().cpu()
-        tensors[f"{PREFIX}{head}.lora_A.weight"] = ro.a.detach().cpu()
-        tensors[f"{PREFIX}{head}.lora_B.weight"] = b
-        sidecar = {"module": head, "label_ids": ro.label_ids.tolist()}
+    if ro is not None:
+        sidecar = readout.add_to_peft(ro, head_name(model), model.get_output_embeddings().weight.shape[0], config, tensors, PREFIX)
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         atomic_write_json(tmp / CONFIG_NAME, config)
@@ -120,7 +113,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_name_or_path:
     return folder
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
     head = model.get_output_embeddings()
     for name, m in model.named_modules():
         if m is head:
@@ -144,7 +137,7 @@ def _split_readout(config: dict, pairs: dict, folder: Path, model: nn.Module):
     if config.get("rank_pattern") != {head: r} or config.get("alpha_pattern") not in ({head: r}, {head: float(r)}):
         raise PrgeError(f"the adapter in {folder} has a label readout on {head} but its rank_pattern / alpha_pattern "
                         "are not that module's rank", "save the adapter again")
-    if head != _head_name(model) or b.shape != (model.get_output_embeddings().weight.shape[0], r) \
+    if head != head_name(model) or b.shape != (model.get_output_embeddings().weight.shape[0], r) \
             or a.shape[1] != model.get_output_embeddings().weight.shape[1] or float(b.abs().sum()) != float(b[ids].abs().sum()):
         raise PrgeError(f"the label readout in {folder} does not fit this model's LM head (or is not zero outside its label rows)",
                         "load it onto the base model it was trained on")

@@ -183,3 +183,10 @@ def rebuild(copies: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
     b = ((plus + minus) * 0.5).mean(0)
     z = (plus - minus) / (2.0 * eps)
     return b, z
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-element CE in logsumexp form; target holds indices into the last dimension."""
+    m = logits.amax(-1, keepdim=True).detach()
+    lse = torch.log(torch.exp(logits - m).sum(-1)) + m.squeeze(-1)
+    return lse - torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1)

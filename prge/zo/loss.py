@@ -5,9 +5,9 @@ every position: we run the decoder body, gather the hidden states at `target_pos
 head there only — for `loss="class"`, only to the label words' rows of the head (MeZO's "train as
 classification": a softmax over the label words instead of the whole vocabulary).
 
-The cross-entropy is written as logsumexp(x − max) + max − x[target]: the same numbers as
-`F.cross_entropy`, in ops that XNNPACK takes when exported (a portable `log_softmax` was half of an
-exported step at vocab 32k).
+The cross-entropy (`estimator.cross_entropy`, re-exported here) is written as logsumexp(x − max) +
+max − x[target]: the same numbers as `F.cross_entropy`, in ops that XNNPACK takes when exported (a
+portable `log_softmax` was half of an exported step at vocab 32k).
 
 All functions take a batch that may be a repeat of C copies (block k = copy k) and return one value
 per copy: the token-mean over that copy's answer tokens.
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from prge.data.batch import Batch
-
-READOUT = "prge_readout"  # the attribute holding a trained label readout (`prge.zo.readout`), if any
+from prge.zo.estimator import cross_entropy  # noqa: F401  (the losses' one cross-entropy; imported from here too)
+from prge.zo.readout import ATTR as READOUT  # the attribute holding a trained label readout, if any
 
 
 def body(model: nn.Module) -> nn.Module:
@@ -56,13 +56,6 @@ def head(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) ->
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-element CE in logsumexp form; target holds indices into the last dimension."""
-    m = logits.amax(-1, keepdim=True).detach()
-    lse = torch.log(torch.exp(logits - m).sum(-1)) + m.squeeze(-1)
-    return lse - torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1)
 
 
 def copy_losses(model: nn.Module, batch: Batch, copies: int, label_ids: torch.Tensor | None = None,

@@ -1,5 +1,5 @@
 """The label readout: a low-rank correction of the LM head's label-word rows, trained zeroth-order on
-cached features before the LoRA steps (issue 20; `docs/optimiser.md` section 7).
+cached features after the LoRA steps (issue 20; `docs/optimiser.md` section 7).
 
 Why. Zeroth-order training is noise-limited: each step's progress shrinks with the number of values
 it perturbs, and every step costs a forward of the whole model. A classifier's answer is read off
@@ -33,8 +33,8 @@ from torch import nn
 
 from prge.data.batch import Encoded, collate
 from prge.zo import estimator as est
-from prge.zo.loss import READOUT as ATTR, cross_entropy, hidden_at, label_head
 
+ATTR = "prge_readout"  # the model attribute that holds a trained readout (`attach`; `prge.zo.loss.head` adds it)
 STREAM = 1 << 14  # its noise stream's tensor index: apart from every LoRA tensor's
 BATCH = 16  # rows per readout step (a step costs microseconds, so a less noisy loss is free)
 EVAL_EVERY = 250  # readout steps between its dev evaluations
@@ -58,6 +58,23 @@ class Readout(nn.Module):
         return (h.float() @ self.a.T) @ self.b.T
 
 
+SIDECAR = "prge_readout.json"  # marks the LM head's LoRA in a PEFT adapter as this readout
+
+
+def add_to_peft(ro: Readout, head: str, vocab_size: int, config: dict, tensors: dict, prefix: str) -> dict:
+    """Put the readout into a PEFT LoRA adapter being written (its `config` and `tensors`, changed in
+    place): LoRA on the LM head `head` with rank r and alpha r, B zero outside the label rows, which is
+    what PEFT loads. Returns the sidecar (written as `SIDECAR`) that marks it. One writer for the eager
+    adapter (`prge.run.adapters`) and the device loop's (`prge.engine.formats.write_adapter`)."""
+    config["target_modules"] = sorted([*config["target_modules"], head])
+    config["rank_pattern"], config["alpha_pattern"] = {head: ro.rank}, {head: ro.rank}
+    b = torch.zeros(vocab_size, ro.rank)
+    b[ro.label_ids.cpu()] = ro.b.detach().cpu()
+    tensors[f"{prefix}{head}.lora_A.weight"] = ro.a.detach().cpu()
+    tensors[f"{prefix}{head}.lora_B.weight"] = b
+    return {"module": head, "label_ids": ro.label_ids.tolist()}
+
+
 def get(model: nn.Module) -> Readout | None:
     return getattr(model, ATTR, None)
 
@@ -74,6 +91,8 @@ def attach(model: nn.Module, readout: Readout | None) -> None:
 @torch.no_grad()
 def features(model: nn.Module, items: list[Encoded], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(final hidden states (N, H) at each row's answer position, labels (N,)): one forward per row."""
+    from prge.zo.loss import hidden_at  # the eager model's forward (the device loop never imports it)
+
     dev = next(model.parameters()).device
     hs, ys = [], []
     for i in range(0, len(items), batch_size):
@@ -114,18 +133,42 @@ class Fit:
 def fit(model: nn.Module, train: list[Encoded], dev: list[Encoded], pad_id: int, label_ids: torch.Tensor, *, rank: int,
         steps: int, lr: float, q: int, eps: float, seed: int, eval_batch_size: int, batch_size: int = BATCH,
         eval_every: int = EVAL_EVERY) -> Fit:
-    """Compute features, the basis and B (zeroth-order, on the cached features); returns the readout at
-    the best dev accuracy seen (step 0, B = 0, counts, so the readout never lowers dev accuracy)."""
+    """Compute features of the eager model, then `fit_features`."""
+    from prge.zo.loss import label_head
+
     t0 = time.time()
     h_tr, y_tr = features(model, train, pad_id, eval_batch_size)
     h_dv, y_dv = features(model, dev, pad_id, eval_batch_size) if dev else (h_tr, y_tr)
     base_tr, base_dv = label_head(model, h_tr, label_ids), label_head(model, h_dv, label_ids)
+    out = fit_features(Features(h_tr, y_tr, base_tr), Features(h_dv, y_dv, base_dv), label_ids, rank=rank, steps=steps, lr=lr,
+                       q=q, eps=eps, seed=seed, cap=getattr(model.config, "final_logit_softcapping", None),
+                       batch_size=batch_size, eval_every=eval_every)
+    out.seconds_features = time.time() - t0 - out.seconds_steps
+    return out
+
+
+@dataclass
+class Features:
+    """Rows for the readout: final hidden states h (N, H) at the answer position, labels (N,), and the
+    head's label-word logits (N, K) before any readout and soft-capping."""
+    h: torch.Tensor
+    y: torch.Tensor
+    base: torch.Tensor
+
+
+@torch.no_grad()
+def fit_features(train: Features, dev: Features, label_ids: torch.Tensor, *, rank: int, steps: int, lr: float, q: int,
+                 eps: float, seed: int, cap: float | None = None, batch_size: int = BATCH, eval_every: int = EVAL_EVERY) -> Fit:
+    """The basis and B (zeroth-order, on the cached features), the same arithmetic wherever the features
+    came from (the eager model, or an exported program's `features` method on the device); returns the
+    readout at the best dev accuracy seen (step 0, B = 0, counts, so the readout never lowers dev accuracy).
+    `cap` is the model's final logit soft-cap (Gemma), applied after the readout as the head does."""
+    t1 = time.time()
+    h_tr, y_tr, base_tr, h_dv, y_dv, base_dv = train.h.float(), train.y, train.base, dev.h.float(), dev.y, dev.base
     a = basis(h_tr, rank)
     f_tr, f_dv = h_tr @ a.T, h_dv @ a.T
-    t1 = time.time()
     k = len(label_ids)
     b = torch.zeros(k, a.shape[0], device=a.device)
-    cap = getattr(model.config, "final_logit_softcapping", None)
 
     def logits(base: torch.Tensor, f: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:  # bs: (C, K, r)
         x = base + torch.einsum("nr,ckr->cnk", f, bs)
@@ -145,7 +188,7 @@ def fit(model: nn.Module, train: list[Encoded], dev: list[Encoded], pad_id: int,
             key = torch.tensor([seed, t], dtype=torch.int64, device=a.device)
             z = est.counter_normal_streams(key, [est.stream(STREAM, i) for i in range(q)], b.numel()).reshape(q, *b.shape)
             x = logits(base_tr[idx], f_tr[idx], est.perturbed(b, z, eps, "+-"))  # (2q, b, K)
-            losses = cross_entropy(x, y_tr[idx].expand(2 * q, -1)).mean(1)
+            losses = est.cross_entropy(x, y_tr[idx].expand(2 * q, -1)).mean(1)
             g = est.projected_grad(losses[:q], losses[q:], eps)
             b = est.update(b, z, g, lr)
             if t % eval_every == 0 or t == steps:
@@ -154,4 +197,4 @@ def fit(model: nn.Module, train: list[Encoded], dev: list[Encoded], pad_id: int,
                     best, best_b, best_step = acc, b.clone(), t
     finally:
         torch.set_num_threads(threads)
-    return Fit(Readout(a, label_ids, best_b), best_step, before, best, len(train), t1 - t0, time.time() - t1)
+    return Fit(Readout(a, label_ids, best_b), best_step, before, best, len(h_tr), 0.0, time.time() - t1)
