@@ -102,6 +102,8 @@ for _s in range(3):
                                              "--seed", str(_s)]
     CELLS[f"sst2e-readout-s{_s}"] = ["--task", "sst2", "--template", EARLIER, "--steps", "0", "--readout", "64", "--seed", str(_s)]
     CELLS[f"default-readout-s{_s}"] = ["--readout", "64", "--seed", str(_s)]
+    # the readout alone on `prge train`'s default task (SST-2, default prompt): is the LoRA part of the default needed?
+    CELLS[f"default-readout-alone-s{_s}"] = ["--steps", "0", "--readout", "64", "--seed", str(_s)]
 
 # the cells above that predate the readout ran without it (it was not there); --readout 0 keeps them meaning that
 for _c, _a in CELLS.items():

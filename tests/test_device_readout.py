@@ -77,6 +77,8 @@ def test_program_has_the_features_method_and_it_matches_eager(setup):
     from prge.engine.formats import read_dataset
 
     tensors, _ = read_dataset(setup["data"])
+    assert "features" not in engine.methods  # loaded only by the host step: its activations stay unplanned in the loop
+    engine.load("features")
     got = device_features(engine, tensors, "dev", 24, torch.zeros(m["q"]), 0.01)
     h, y = readout.features(s.model, s.dev, s.pad_id, 16)
     torch.testing.assert_close(got.h, h, atol=1e-4, rtol=1e-4)

@@ -60,8 +60,11 @@ from prge.zo.schedule import check_schedule, lr_at
 
 
 class Engine:
-    """A loaded program: its methods, called with tensors. Every method is loaded right after the
-    program, before any call: loading a method later re-initialises the shared state.
+    """A loaded program: its methods, called with tensors. Every method the loop calls is loaded right
+    after the program, before any call: loading a method later re-initialises the shared state. The
+    label readout's `features` method (`LATER`) is loaded only by the host step after the loop (`load`),
+    which then writes the state it needs back: loaded with the others it would hold its planned
+    activation memory through the whole run.
 
     The program is loaded from its path, so the runtime memory-maps it (from bytes it would keep a
     second, private copy). With `weight_cache`, XNNPACK's methods share one packed copy of the
@@ -87,7 +90,7 @@ class Engine:
             identity = None
             if "get_identity_sha256" in program.method_names:
                 identity = program.load_method("get_identity_sha256").execute([])[0]
-            self.methods = {name: program.load_method(name) for name in manifest["methods"]}
+            self.methods = {name: program.load_method(name) for name in manifest["methods"] if name not in LATER}
         except PrgeError:
             raise
         except Exception as e:
@@ -100,8 +103,16 @@ class Engine:
         self._program = program
         self.manifest = manifest
 
+    def load(self, method: str) -> None:
+        """Load one of the `LATER` methods. It re-initialises the program's state: write it after this."""
+        if method not in self.methods:
+            self.methods[method] = self._program.load_method(method)
+
     def __call__(self, method: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
         return list(self.methods[method].execute(list(inputs)))
+
+
+LATER = ("features",)  # methods `Engine` loads only when asked (`Engine.load`)
 
 
 def scalar(x: float) -> torch.Tensor:
@@ -317,6 +328,7 @@ def fit_readout(engine: Engine, tensors: dict, lora_a: dict, best: Path, setting
     with the readout on the LM head (PEFT). Returns the summary's "readout" entry."""
     m = engine.manifest
     raw, g, state = load_checkpoint(best, m)
+    engine.load("features")  # before the state is written: loading re-initialises it
     engine("write_raw", raw)
     lr_b = lr_of(state["step"])
     t0 = time.time()

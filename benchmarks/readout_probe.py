@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""How much can the label readout learn with more training rows or a higher rank? (issue 20)
+
+    python benchmarks/readout_probe.py --task sst2 --template EARLIER --rows 8000 [--threads 1]
+
+The prediction for a readout (docs/optimiser.md section 7) is the linear-probe ceiling: the test
+accuracy of the readout's own parameterisation, label logits W_L h + B (A h) with A the whitened
+top-r basis of `prge.zo.readout.basis`, when B is fitted by L-BFGS on exact gradients (server-side
+maths) instead of zeroth-order. This script computes the final hidden states of `--rows` training
+rows, the dev rows and the test rows once (cached under ~/.cache/prge/bench/readout_probe/), then
+fits the probe for every (rows used, rank) pair, picks the L2 weight on dev, and appends one row per
+pair to benchmarks/results/readout_probe.jsonl. A pair whose ceiling clears the target is the one
+to measure with `prge train --steps 0 --readout R --readout-rows N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from prge.config import TrainConfig  # noqa: E402
+from prge.data.classification import EARLIER_SST2_TEMPLATE  # noqa: E402
+from prge.run.train import prepare  # noqa: E402
+from prge.zo import readout  # noqa: E402
+from prge.zo.loss import label_head  # noqa: E402
+
+CACHE = Path(os.environ.get("PRGE_BENCH_CACHE", Path.home() / ".cache" / "prge" / "bench")) / "readout_probe"
+OUT = ROOT / "benchmarks" / "results" / "readout_probe.jsonl"
+
+
+def features(a) -> dict:
+    name = f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}.pt"
+    path = CACHE / name
+    if path.is_file():
+        return torch.load(path)
+    cfg = TrainConfig(model=a.model, task=a.task, template=EARLIER_SST2_TEMPLATE if a.template == "EARLIER" else a.template,
+                      n_train=a.rows, steps=0, progress=False, threads=a.threads, readout=0)
+    s = prepare(cfg)
+    out = {}
+    t0 = time.time()
+    for split, items in (("train", s.train), ("dev", s.dev), ("test", s.test)):
+        h, y = readout.features(s.model, items, s.pad_id, cfg.eval_batch_size)
+        out[split] = {"h": h, "y": y, "base": label_head(s.model, h, s.label_ids)}
+        print(f"{split}: {len(items)} rows, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    out["seconds"] = time.time() - t0
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def probe(f: dict, rows: int, rank: int, l2: float) -> tuple[float, float]:
+    """(dev accuracy, test accuracy) of B fitted by L-BFGS on the first `rows` training rows."""
+    tr = f["train"]
+    a = readout.basis(tr["h"][:rows], rank)
+    x = {k: f[k]["h"] @ a.T for k in ("train", "dev", "test")}
+    b = torch.zeros(tr["base"].shape[1], a.shape[0], requires_grad=True)
+    opt = torch.optim.LBFGS([b], max_iter=300, line_search_fn="strong_wolfe")
+    xt, bt, yt = x["train"][:rows], tr["base"][:rows], tr["y"][:rows]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(bt + xt @ b.T, yt) + l2 * (b ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        acc = [float(((f[k]["base"] + x[k] @ b.T).argmax(-1) == f[k]["y"]).float().mean()) for k in ("dev", "test")]
+    return acc[0], acc[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--template", default="EARLIER", help="a prompt template, or EARLIER for SST-2's earlier prompt")
+    p.add_argument("--rows", type=int, default=8000, help="training rows whose hidden states are computed")
+    p.add_argument("--use", type=int, nargs="+", default=[1000, 2000, 4000, 8000], help="training rows each probe uses")
+    p.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256, 576])
+    p.add_argument("--l2", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    f = features(a)
+    zero = [float((f[k]["base"].argmax(-1) == f[k]["y"]).float().mean()) for k in ("dev", "test")]
+    print(f"zero-shot: dev {zero[0]:.4f} test {zero[1]:.4f}; features {f['seconds'] / 60:.1f} min", flush=True)
+    for n in a.use:
+        if n > len(f["train"]["y"]):
+            continue
+        for r in a.ranks:
+            fits = [(l2, *probe(f, n, r, l2)) for l2 in a.l2]
+            l2, dev, test = max(fits, key=lambda t: t[1])  # the L2 weight chosen on dev
+            row = {"model": a.model, "task": a.task, "template": a.template, "rows": n, "rank": r, "l2": l2, "dev": dev, "test": test,
+                   "zero_shot_dev": zero[0], "zero_shot_test": zero[1], "features_minutes_all_rows": f["seconds"] / 60,
+                   "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
+            print(json.dumps(row), flush=True)
+            with OUT.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
