@@ -173,13 +173,13 @@ def table() -> None:
     bp_min = sum(r["minutes"] for r in fo) / len(fo)
     zo = [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], r.get("run_dir") or r["cell_method"])
           for r in acc if r["table"] == "main" and r["task"] == "sst2" and r["method"] in ("prge", "mezo")]
-    zo += [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], r["cell"]) for r in keep.values()
+    zo += [(r["test_after_best"], minutes_to_best(r), r["cell"]) for r in keep.values()
            if r["cell"].startswith("sst2e-") and "test_after_best" in r]
     learn = {"sst2_earlier_prompt": time_to_backprop(bp_min, bp_acc, zo)}
     # the same figure for Gemma-3-270M, from its own cells (backprop and P-RGE both run by this script)
     # (backprop: the best of its cells, an lr sweep of one seed each, so the yardstick errs against zeroth order)
     g_fo = [r for c, r in keep.items() if c.startswith("gemma-sst2e-fo-") and "test_after_best" in r]
-    g_zo = [(r["test_after_best"], r["minutes"] * r["best_step"] / r["steps"], c) for c, r in keep.items()
+    g_zo = [(r["test_after_best"], minutes_to_best(r), c) for c, r in keep.items()
             if c.startswith("gemma-sst2e-prge-") and "test_after_best" in r]
     if g_fo and g_zo:
         bp = max(g_fo, key=lambda r: r["test_after_best"])
@@ -187,6 +187,14 @@ def table() -> None:
                                                    "backprop_run": bp["cell"]}
     (RESULTS / "learn.json").write_text(json.dumps(learn, indent=1) + "\n")
     print(json.dumps(learn))
+
+
+def minutes_to_best(r: dict) -> float:
+    """Minutes until the run's best-dev weights existed: the LoRA steps up to its best step, or the whole
+    run where a label readout (fitted after the last step) or no step at all (`--steps 0`) made them."""
+    if r.get("readout") or not r["steps"]:
+        return r["minutes"]
+    return r["minutes"] * r["best_step"] / r["steps"]
 
 
 def main() -> None:
