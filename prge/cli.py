@@ -217,26 +217,24 @@ def cmd_export(args) -> int:
     return 0
 
 
-def device_run_options(args) -> dict:
-    """The device run's options: each given flag, else what the program was exported with
-    (manifest "run_defaults"), else `prge train`'s default."""
+def device_run_options(args, keys: tuple[str, ...] | None = None) -> dict:
+    """The device run's options (`keys`, default the loop's): each given flag, else what the program was
+    exported with (manifest "run_defaults"), else `prge train`'s default."""
     from prge.config import TrainConfig
     from prge.engine.formats import RUN_DEFAULTS, load_manifest
 
     recorded = load_manifest(args.program).get("run_defaults") or {}
     defaults = TrainConfig()
-    return {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k)) for k in RUN_DEFAULTS}
+    return {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k))
+            for k in keys or RUN_DEFAULTS}
 
 
 def device_readout_options(args):
     """The device run's label readout settings, chosen as `device_run_options` chooses the others."""
-    from prge.config import TrainConfig
-    from prge.engine.formats import READOUT_DEFAULTS, load_manifest
+    from prge.engine.formats import READOUT_DEFAULTS
     from prge.engine.runtime import ReadoutSettings
 
-    recorded = load_manifest(args.program).get("run_defaults") or {}
-    defaults = TrainConfig()
-    v = {k: getattr(args, k) if getattr(args, k) is not None else recorded.get(k, getattr(defaults, k)) for k in READOUT_DEFAULTS}
+    v = device_run_options(args, READOUT_DEFAULTS)
     return ReadoutSettings(v["readout"], v["readout_steps"], v["readout_lr"], v["readout_rows"])
 
 

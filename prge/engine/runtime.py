@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import prge
+from prge.config import TrainConfig
 from prge.zo import estimator as est
 from prge.zo import readout
 from prge import io
@@ -285,18 +286,19 @@ class EngineStepper:
 
 @dataclass
 class ReadoutSettings:
-    """`prge train`'s --readout options, for the device: rank (None: 64 where the program can, 0: off)."""
-    rank: int | None = None
-    steps: int = 10000
-    lr: float = 1e-2
-    rows: int = 1000
+    """`prge train`'s --readout options (and defaults), for the device: rank None is the default rank
+    where the program can fit a readout, 0 is off."""
+    rank: int | None = TrainConfig.readout
+    steps: int = TrainConfig.readout_steps
+    lr: float = TrainConfig.readout_lr
+    rows: int = TrainConfig.readout_rows
 
     def resolved(self, manifest: dict, program_path) -> int:
         """The rank this run fits: the program needs its `features` method (`prge export` adds it to
         classification programs with loss "class"; programs exported before it existed lack it)."""
         can = "features" in manifest.get("methods", {}) and isinstance(manifest.get("readout"), dict)
         if self.rank is None:
-            return 64 if can else 0
+            return readout.DEFAULT_RANK if can else 0
         if self.rank and not can:
             raise PrgeError(f"--readout {self.rank} needs the program's features method, which {program_path} lacks "
                             "(it is exported for classification programs with --loss class)",

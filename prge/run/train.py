@@ -170,7 +170,7 @@ def readout_rank(cfg: TrainConfig, name: str, kind: str, label_ids) -> int:
     """The label readout's rank this run fits: --readout, or by default 64 where it applies (see its --help)."""
     applies = label_ids is not None and kind == "classification" and cfg.tune == "lora-fa" and cfg.loss == "class"
     if cfg.readout is None:
-        return 64 if applies and cfg.method in ("prge", "mezo") else 0
+        return readout.DEFAULT_RANK if applies and cfg.method in ("prge", "mezo") else 0
     if cfg.readout and not applies:
         raise PrgeError(f"--readout {cfg.readout} trains a readout of the label words' logits, but {name} is not a classification "
                         f"task with label words trained with --loss class",

@@ -34,6 +34,7 @@ from torch import nn
 from prge.data.batch import Encoded, collate
 from prge.zo import estimator as est
 
+DEFAULT_RANK = 64  # the rank `prge train` and `prge device-train` fit where the readout applies and --readout is not given
 ATTR = "prge_readout"  # the model attribute that holds a trained readout (`attach`; `prge.zo.loss.head` adds it)
 STREAM = 1 << 14  # its noise stream's tensor index: apart from every LoRA tensor's
 BATCH = 16  # rows per readout step (a step costs microseconds, so a less noisy loss is free)
