@@ -138,6 +138,14 @@ def split_rows(tensors: dict, split: str, idx: list[int] | torch.Tensor) -> list
     return out
 
 
+def static_batches(n: int, size: int):
+    """(k, indices) for rows 0..n-1 in batches of exactly `size`, as a method with a static batch takes
+    them: the last batch is filled with repeats of its first row, whose outputs past k are ignored."""
+    for start in range(0, n, size):
+        idx = list(range(start, min(start + size, n)))
+        yield len(idx), idx + [idx[0]] * (size - len(idx))
+
+
 def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: str = "dev") -> dict:
     """{"accuracy", "loss", "n"} over a split, with the clean B (pending update folded in).
 
@@ -148,10 +156,7 @@ def evaluate(engine: Engine, tensors: dict, g: torch.Tensor, lr: float, split: s
     N = m["eval_batch_size"]
     correct = loss = tokens = 0.0
     counts = torch.zeros(len(m["label_ids"] or [0]))
-    for start in range(0, n, N):
-        idx = list(range(start, min(start + N, n)))
-        k = len(idx)
-        idx = idx + [idx[0]] * (N - k)  # the method's batch is static: fill with a repeat, ignore it
+    for k, idx in static_batches(n, N):
         ids, pos, tids, mask, label = split_rows(tensors, split, idx)
         if m["label_ids"] is not None:
             scores = engine("evaluate", ids, pos[:, :1].contiguous(), g, scalar(lr))[0][:k]
@@ -311,10 +316,8 @@ def device_features(engine: Engine, tensors: dict, split: str, rows: int, g: tor
     m = engine.manifest
     n, N = min(rows, tensors[f"{split}_input_ids"].shape[0]), m["eval_batch_size"]
     base, hs = [], []
-    for start in range(0, n, N):
-        idx = list(range(start, min(start + N, n)))
-        k = len(idx)
-        ids, pos = split_rows(tensors, split, idx + [idx[0]] * (N - k))[:2]  # static batch: fill with a repeat
+    for k, idx in static_batches(n, N):
+        ids, pos = split_rows(tensors, split, idx)[:2]
         scores, h = engine("features", ids, pos[:, :1].contiguous(), g, scalar(lr))
         base.append(scores[:k])
         hs.append(h[:k])
