@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <sstream>
 #include <vector>
 
 namespace prge {
@@ -59,11 +58,12 @@ bool is_dir(const std::string& p) {
 std::string read_file(const std::string& path, const std::string& what) {
   if (!exists(path)) fail(what + " " + path + " not found");
   if (is_dir(path)) fail(what + " " + path + " is a folder, not a file");
-  std::ifstream f(path, std::ios::binary);
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) fail("cannot read " + what + " " + path);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+  std::string out(size_t(f.tellg()), '\0');  // read in place: a stringstream's str() would hold the file twice
+  f.seekg(0);
+  if (!f.read(out.data(), std::streamsize(out.size()))) fail("cannot read " + what + " " + path);
+  return out;
 }
 
 void mkdirs(const std::string& p) {
@@ -89,7 +89,9 @@ void rmtree(const std::string& p) {
   }
 }
 
-void atomic_write(const std::string& path, const std::string& data) {
+void atomic_write(const std::string& path, const std::string& data) { atomic_write(path, std::vector<Bytes>{{data.data(), data.size()}}); }
+
+void atomic_write(const std::string& path, const std::vector<Bytes>& parts) {
   std::string dir = dirname_of(path);
   mkdirs(dir);
   std::string tmpl = dir + "/." + basename_of(path) + ".XXXXXX";
@@ -98,12 +100,15 @@ void atomic_write(const std::string& path, const std::string& data) {
   int fd = mkstemp(buf.data());
   if (fd < 0) fail("cannot write in " + dir + " (" + errno_text() + ")");
   std::string tmp(buf.data());
-  size_t off = 0;
   bool ok = true;
-  while (off < data.size()) {
-    ssize_t n = write(fd, data.data() + off, data.size() - off);
-    if (n <= 0) { ok = false; break; }
-    off += size_t(n);
+  for (const Bytes& part : parts) {
+    const char* p = static_cast<const char*>(part.data);
+    size_t off = 0;
+    while (ok && off < part.size) {
+      ssize_t n = write(fd, p + off, part.size - off);
+      if (n <= 0) ok = false;
+      else off += size_t(n);
+    }
   }
   ok = ok && fsync(fd) == 0 && fchmod(fd, 0666 & ~current_umask()) == 0;
   ok = (close(fd) == 0) && ok;

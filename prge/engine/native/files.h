@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace prge {
 
@@ -21,6 +22,13 @@ void mkdirs(const std::string& path);
 void rmtree(const std::string& path);
 
 void atomic_write(const std::string& path, const std::string& data);
+// the same for a file written from parts that lie elsewhere (a checkpoint's state straight from the
+// program's arena), so the file is never assembled in memory
+struct Bytes {
+  const void* data;
+  size_t size;
+};
+void atomic_write(const std::string& path, const std::vector<Bytes>& parts);
 // a fresh temp folder beside `path`; commit_dir swaps it in whole (prge.io.atomic_dir)
 std::string temp_dir_beside(const std::string& path);
 void commit_dir(const std::string& tmp, const std::string& path);

@@ -135,7 +135,6 @@ double Loop::step(long step) {
 }
 
 void Loop::save_checkpoint(const std::string& folder, long step) {
-  auto raw = prog_.run("read_raw", {}).at(0);
   auto lr = scalar(lr_at(o_, step));  // g is this step's
   auto b = prog_.run("read_state", {f32_tensor(g_, {int32_t(d_.q)}), f32_tensor(lr, {1})}).at(0);
   json state = {{"step", step}, {"seed", o_.seed}, {"lr", o_.lr}, {"lr_schedule", o_.lr_schedule}, {"eps", o_.eps},
@@ -145,9 +144,11 @@ void Loop::save_checkpoint(const std::string& folder, long step) {
                 {"seconds", seconds_}, {"native", true}};
   std::string tmp = temp_dir_beside(folder);
   try {
-    atomic_write(tmp + "/state.safetensors", safetensors_bytes({{"raw", &raw}, {"g", &g_}}));
+    // the raw state (76 MB for SmolLM2 at q = 4) is written from the arena, where read_raw leaves it, not copied
+    auto raw = prog_.run_view("read_raw", {}).at(0);
+    write_safetensors(tmp + "/state.safetensors", {{"raw", raw.data, raw.n}, {"g", g_}});
     atomic_write(tmp + "/trainer_state.json", state.dump(2) + "\n");
-    atomic_write(tmp + "/b.safetensors", safetensors_bytes({{"b", &b}}));
+    write_safetensors(tmp + "/b.safetensors", {{"b", b}});
   } catch (...) {
     rmtree(tmp);
     throw;
@@ -168,9 +169,12 @@ long Loop::resume(const std::string& ckpts) {
          st["seed"].dump() + ")");
   if (st.contains("program_sha256") && st["program_sha256"].is_string() && !d_.sha256.empty() && st["program_sha256"] != d_.sha256)
     fail("the checkpoint in " + last + " was written by another program (resume with the program that wrote it)");
-  SafetensorsFile f = read_safetensors(last + "/state.safetensors", "checkpoint");
-  auto raw = f.floats("raw");
-  g_ = f.floats("g");
+  std::vector<float> raw;
+  {  // the file's bytes are freed before write_raw touches the arena
+    SafetensorsFile f = read_safetensors(last + "/state.safetensors", "checkpoint");
+    raw = f.floats("raw");
+    g_ = f.floats("g");
+  }
   auto raw_shape = prog_.output_shape("read_raw", 0);
   if (raw_shape.size() != 1 || int64_t(raw.size()) != raw_shape[0] || int64_t(g_.size()) != d_.q)
     fail(last + "/state.safetensors does not hold this program's state (resume with the program that wrote it)");
@@ -285,7 +289,7 @@ void Loop::finish(long start, long end, double step_time, long timed, double las
   }
   auto lr = scalar(lr_at(o_, end));  // g is step end's
   auto b = prog_.run("read_state", {f32_tensor(g_, {int32_t(d_.q)}), f32_tensor(lr, {1})}).at(0);
-  atomic_write(o_.out + "/final_b.safetensors", safetensors_bytes({{"b", &b}, {"g", &g_}}));
+  write_safetensors(o_.out + "/final_b.safetensors", {{"b", b}, {"g", g_}});
   atomic_write(o_.out + "/native.json", info.dump(2) + "\n");
   fprintf(stderr, "native training done: %ld steps in %.1f s (%.4f s/step, peak RSS %.0f MB)\n", o_.steps, seconds_,
           timed ? step_time / double(timed) : 0.0, rss);

@@ -155,20 +155,25 @@ std::vector<int64_t> Program::output_shape(const std::string& m, size_t i) {
   return s;
 }
 
-std::vector<std::vector<float>> Program::run(const std::string& m, const std::vector<TensorPtr>& inputs) {
+std::vector<Program::View> Program::run_view(const std::string& m, const std::vector<TensorPtr>& inputs) {
   std::vector<EValue> args;
   args.reserve(inputs.size());
   for (auto& t : inputs) args.emplace_back(*t);
   auto res = module_->execute(m, args);
   if (!res.ok()) fail("the runtime failed to run " + m + " of " + path_ + " (error " + std::to_string(int(res.error())) + ")");
-  std::vector<std::vector<float>> out;
+  std::vector<View> out;
   for (auto& v : *res) {
     if (!v.isTensor()) fail(m + " returned a non-tensor output");
     auto t = v.toTensor();
     if (t.scalar_type() != ScalarType::Float) fail(m + " returned a non-float32 output");
-    const float* p = t.const_data_ptr<float>();
-    out.emplace_back(p, p + t.numel());
+    out.push_back({t.const_data_ptr<float>(), size_t(t.numel())});
   }
+  return out;
+}
+
+std::vector<std::vector<float>> Program::run(const std::string& m, const std::vector<TensorPtr>& inputs) {
+  std::vector<std::vector<float>> out;
+  for (const View& v : run_view(m, inputs)) out.emplace_back(v.data, v.data + v.n);
   return out;
 }
 

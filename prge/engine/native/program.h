@@ -42,6 +42,12 @@ class Program {
   std::vector<int64_t> output_shape(const std::string& method, size_t i);
   // run a method; every output copied out as float32 (outputs alias the shared arenas)
   std::vector<std::vector<float>> run(const std::string& method, const std::vector<executorch::extension::TensorPtr>& inputs);
+  // the same without the copy: each float32 output where it lies in the arena, valid until the next run
+  struct View {
+    const float* data;
+    size_t n;
+  };
+  std::vector<View> run_view(const std::string& method, const std::vector<executorch::extension::TensorPtr>& inputs);
 
  private:
   void describe();

@@ -100,24 +100,28 @@ SafetensorsFile read_safetensors(const std::string& path, const std::string& wha
   return f;
 }
 
-std::string safetensors_bytes(const std::vector<NamedFloats>& tensors) {
+void write_safetensors(const std::string& path, const std::vector<NamedFloats>& tensors) {
   json header = json::object();
   header["__metadata__"] = {{"format", "pt"}};
-  SafetensorsFile f;  // the payload, laid out once: written below and hashed as prge.io.save_tensors does
+  std::vector<HashedTensor> hashed;
+  std::vector<Bytes> parts(1);  // parts[0]: length and header, set below
+  size_t off = 0;
   for (auto& t : tensors) {
-    size_t off = f.bytes.size(), n = t.values->size() * 4;
-    f.tensors[t.name] = TensorInfo{"F32", {int64_t(t.values->size())}, off, off + n};
-    header[t.name] = {{"dtype", "F32"}, {"shape", {t.values->size()}}, {"data_offsets", {off, off + n}}};
-    f.bytes.append(reinterpret_cast<const char*>(t.values->data()), n);
+    size_t n = t.n * 4;
+    header[t.name] = {{"dtype", "F32"}, {"shape", {t.n}}, {"data_offsets", {off, off + n}}};
+    hashed.push_back({t.name, "F32", {int64_t(t.n)}, t.data, n});
+    parts.push_back({t.data, n});
+    off += n;
   }
-  if (hashing_available()) header["__metadata__"]["prge_sha256"] = tensors_sha256(f);
+  if (hashing_available()) header["__metadata__"]["prge_sha256"] = tensors_sha256(std::move(hashed));  // as prge.io.save_tensors
   std::string h = header.dump();
   while ((8 + h.size()) % 8) h += ' ';  // the tensors start 8-byte aligned
-  std::string out(8, '\0');
+  std::string head(8, '\0');
   uint64_t len = h.size();
-  for (int i = 0; i < 8; ++i) out[size_t(i)] = char((len >> (8 * i)) & 0xFF);
-  out += h;
-  return out + f.bytes;
+  for (int i = 0; i < 8; ++i) head[size_t(i)] = char((len >> (8 * i)) & 0xFF);
+  head += h;
+  parts[0] = {head.data(), head.size()};
+  atomic_write(path, parts);
 }
 
 }  // namespace prge

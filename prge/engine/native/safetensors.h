@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace prge {
@@ -32,10 +33,16 @@ struct SafetensorsFile {
 // the whole file; `what` names it in errors ("data file", "plan file", "checkpoint")
 SafetensorsFile read_safetensors(const std::string& path, const std::string& what);
 
+// a float32 tensor of shape (n,) to write, over memory that stays valid until written
 struct NamedFloats {
   std::string name;
-  const std::vector<float>* values;  // written as F32 of shape (n,)
+  const float* data;
+  size_t n;
+  NamedFloats(std::string name, const float* data, size_t n) : name(std::move(name)), data(data), n(n) {}
+  NamedFloats(std::string name, const std::vector<float>& v) : NamedFloats(std::move(name), v.data(), v.size()) {}
 };
-std::string safetensors_bytes(const std::vector<NamedFloats>& tensors);
+// write a safetensors file atomically, its tensors straight from where they lie (never copied into one
+// buffer: a checkpoint's 76 MB state would otherwise be held two or three times at the run's peak)
+void write_safetensors(const std::string& path, const std::vector<NamedFloats>& tensors);
 
 }  // namespace prge

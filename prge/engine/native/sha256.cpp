@@ -1,5 +1,6 @@
 #include "sha256.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <vector>
@@ -69,12 +70,13 @@ std::string sha256_file(const std::string& path) {
   return d.hex();
 }
 
-std::string tensors_sha256(const SafetensorsFile& f) {
+std::string tensors_sha256(std::vector<HashedTensor> tensors) {
+  std::sort(tensors.begin(), tensors.end(), [](auto& a, auto& b) { return a.name < b.name; });  // as Python's sorted()
   Digest d;
-  for (auto& [name, t] : f.tensors) {  // std::map: name order, as Python's sorted()
-    std::string head = name + "|" + torch_dtype(t.dtype) + "|" + shape_repr(t.shape) + "|";
+  for (auto& t : tensors) {
+    std::string head = t.name + "|" + torch_dtype(t.dtype) + "|" + shape_repr(t.shape) + "|";
     d.update(head.data(), head.size());
-    d.update(f.bytes.data() + f.payload + t.begin, t.end - t.begin);
+    d.update(t.data, t.bytes);
   }
   return d.hex();
 }
@@ -83,9 +85,15 @@ std::string tensors_sha256(const SafetensorsFile& f) {
 
 bool hashing_available() { return false; }
 std::string sha256_file(const std::string&) { return ""; }
-std::string tensors_sha256(const SafetensorsFile&) { return ""; }
+std::string tensors_sha256(std::vector<HashedTensor>) { return ""; }
 
 #endif
+
+std::string tensors_sha256(const SafetensorsFile& f) {
+  std::vector<HashedTensor> ts;
+  for (auto& [name, t] : f.tensors) ts.push_back({name, t.dtype, t.shape, f.bytes.data() + f.payload + t.begin, t.end - t.begin});
+  return tensors_sha256(std::move(ts));
+}
 
 void check_tensors_hash(const SafetensorsFile& f, const std::string& what) {
   auto it = f.metadata.find("prge_sha256");
