@@ -11,6 +11,13 @@ rows, the dev rows and the test rows once (cached under ~/.cache/prge/bench/read
 fits the probe for every (rows used, rank) pair, picks the L2 weight on dev, and appends one row per
 pair to benchmarks/results/readout_probe.jsonl. A pair whose ceiling clears the target is the one
 to measure with `prge train --steps 0 --readout R --readout-rows N`.
+
+    python benchmarks/readout_probe.py --layers 10 15 20 25 30 --rows 2000 --use 1000 2000
+
+`--layers` probes the hidden states of other layers (HF hidden_states index: 0 the embeddings, the
+last the final normed state the readout reads today) at the answer position, with the same
+parameterisation (head's zero-shot label logits + B (A h_l)): whether a readout on an intermediate
+layer (a side readout, not a LoRA on the head) would have a higher ceiling. Rows get "layer".
 """
 
 from __future__ import annotations
@@ -57,6 +64,38 @@ def features(a) -> dict:
     return out
 
 
+@torch.no_grad()
+def layer_features(a) -> dict:
+    """{split: {"hl": (N, L+1, H) every layer's hidden state at the answer position, "y", "base"}}."""
+    from prge.data.batch import collate
+    from prge.zo.loss import body
+
+    name = f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}-layers.pt"
+    path = CACHE / name
+    if path.is_file():
+        return torch.load(path)
+    cfg = TrainConfig(model=a.model, task=a.task, template=EARLIER_SST2_TEMPLATE if a.template == "EARLIER" else a.template,
+                      n_train=a.rows, steps=0, progress=False, threads=a.threads, readout=0)
+    s = prepare(cfg)
+    out = {}
+    t0 = time.time()
+    for split, items in (("train", s.train), ("dev", s.dev), ("test", s.test)):
+        hs, ys = [], []
+        for i in range(0, len(items), cfg.eval_batch_size):
+            b = collate(items[i:i + cfg.eval_batch_size], s.pad_id)
+            states = body(s.model)(input_ids=b.input_ids, use_cache=False, output_hidden_states=True).hidden_states
+            pos = b.target_pos[:, 0]
+            hs.append(torch.stack([h[torch.arange(len(pos)), pos] for h in states], 1).float())
+            ys.append(b.label)
+        h, y = torch.cat(hs), torch.cat(ys)
+        out[split] = {"hl": h, "y": y, "base": label_head(s.model, h[:, -1], s.label_ids)}
+        print(f"{split}: {len(items)} rows, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    out["seconds"] = time.time() - t0
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
 def probe(f: dict, rows: int, rank: int, l2: float) -> tuple[float, float]:
     """(dev accuracy, test accuracy) of B fitted by L-BFGS on the first `rows` training rows."""
     tr = f["train"]
@@ -88,9 +127,20 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256, 576])
     p.add_argument("--l2", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, nargs="+", help="probe these layers' hidden states (see above) instead of the final one")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    f = features(a)
+    if a.layers:
+        fl = layer_features(a)
+        for layer in a.layers:
+            f = {k: {"h": v["hl"][:, layer], "y": v["y"], "base": v["base"]} for k, v in fl.items() if k != "seconds"}
+            f["seconds"] = fl["seconds"]
+            run_probes(a, f, {"layer": layer})
+        return
+    run_probes(a, features(a), {})
+
+
+def run_probes(a, f: dict, extra: dict) -> None:
     zero = [float((f[k]["base"].argmax(-1) == f[k]["y"]).float().mean()) for k in ("dev", "test")]
     print(f"zero-shot: dev {zero[0]:.4f} test {zero[1]:.4f}; features {f['seconds'] / 60:.1f} min", flush=True)
     for n in a.use:
@@ -99,7 +149,7 @@ def main() -> None:
         for r in a.ranks:
             fits = [(l2, *probe(f, n, r, l2)) for l2 in a.l2]
             l2, dev, test = max(fits, key=lambda t: t[1])  # the L2 weight chosen on dev
-            row = {"model": a.model, "task": a.task, "template": a.template, "rows": n, "rank": r, "l2": l2, "dev": dev, "test": test,
+            row = {"model": a.model, "task": a.task, "template": a.template, **extra, "rows": n, "rank": r, "l2": l2, "dev": dev, "test": test,
                    "zero_shot_dev": zero[0], "zero_shot_test": zero[1], "features_minutes_all_rows": f["seconds"] / 60,
                    "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
             print(json.dumps(row), flush=True)
