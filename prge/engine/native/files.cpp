@@ -60,7 +60,9 @@ std::string read_file(const std::string& path, const std::string& what) {
   if (is_dir(path)) fail(what + " " + path + " is a folder, not a file");
   std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) fail("cannot read " + what + " " + path);
-  std::string out(size_t(f.tellg()), '\0');  // read in place: a stringstream's str() would hold the file twice
+  std::streamoff size = f.tellg();  // -1 for what has no size (a pipe): named as unreadable, not a bad_alloc
+  if (size < 0) fail("cannot read " + what + " " + path + " (not a regular file)");
+  std::string out(size_t(size), '\0');  // read in place: a stringstream's str() would hold the file twice
   f.seekg(0);
   if (!f.read(out.data(), std::streamsize(out.size()))) fail("cannot read " + what + " " + path);
   return out;
