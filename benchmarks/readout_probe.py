@@ -44,9 +44,10 @@ CACHE = Path(os.environ.get("PRGE_BENCH_CACHE", Path.home() / ".cache" / "prge" 
 OUT = ROOT / "benchmarks" / "results" / "readout_probe.jsonl"
 
 
-def features(a) -> dict:
-    name = f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}.pt"
-    path = CACHE / name
+def cached_features(a, suffix: str, rows_of) -> dict:
+    """{split: rows_of(prepared run, items, batch size), "seconds"} for train/dev/test, computed once and
+    cached under CACHE (the file name says model, task, prompt, rows and `suffix`)."""
+    path = CACHE / f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}{suffix}.pt"
     if path.is_file():
         return torch.load(path)
     cfg = TrainConfig(model=a.model, task=a.task, template=EARLIER_SST2_TEMPLATE if a.template == "EARLIER" else a.template,
@@ -55,8 +56,7 @@ def features(a) -> dict:
     out = {}
     t0 = time.time()
     for split, items in (("train", s.train), ("dev", s.dev), ("test", s.test)):
-        h, y = readout.features(s.model, items, s.pad_id, cfg.eval_batch_size)
-        out[split] = {"h": h, "y": y, "base": label_head(s.model, h, s.label_ids)}
+        out[split] = rows_of(s, items, cfg.eval_batch_size)
         print(f"{split}: {len(items)} rows, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     out["seconds"] = time.time() - t0
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -64,36 +64,33 @@ def features(a) -> dict:
     return out
 
 
-@torch.no_grad()
+def features(a) -> dict:
+    """{split: {"h": (N, H) the final hidden state at the answer position, "y", "base"}}."""
+    def rows_of(s, items, batch_size):
+        h, y = readout.features(s.model, items, s.pad_id, batch_size)
+        return {"h": h, "y": y, "base": label_head(s.model, h, s.label_ids)}
+
+    return cached_features(a, "", rows_of)
+
+
 def layer_features(a) -> dict:
     """{split: {"hl": (N, L+1, H) every layer's hidden state at the answer position, "y", "base"}}."""
     from prge.data.batch import collate
     from prge.zo.loss import body
 
-    name = f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}-layers.pt"
-    path = CACHE / name
-    if path.is_file():
-        return torch.load(path)
-    cfg = TrainConfig(model=a.model, task=a.task, template=EARLIER_SST2_TEMPLATE if a.template == "EARLIER" else a.template,
-                      n_train=a.rows, steps=0, progress=False, threads=a.threads, readout=0)
-    s = prepare(cfg)
-    out = {}
-    t0 = time.time()
-    for split, items in (("train", s.train), ("dev", s.dev), ("test", s.test)):
+    @torch.no_grad()
+    def rows_of(s, items, batch_size):
         hs, ys = [], []
-        for i in range(0, len(items), cfg.eval_batch_size):
-            b = collate(items[i:i + cfg.eval_batch_size], s.pad_id)
+        for i in range(0, len(items), batch_size):
+            b = collate(items[i:i + batch_size], s.pad_id)
             states = body(s.model)(input_ids=b.input_ids, use_cache=False, output_hidden_states=True).hidden_states
             pos = b.target_pos[:, 0]
             hs.append(torch.stack([h[torch.arange(len(pos)), pos] for h in states], 1).float())
             ys.append(b.label)
         h, y = torch.cat(hs), torch.cat(ys)
-        out[split] = {"hl": h, "y": y, "base": label_head(s.model, h[:, -1], s.label_ids)}
-        print(f"{split}: {len(items)} rows, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    out["seconds"] = time.time() - t0
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    return out
+        return {"hl": h, "y": y, "base": label_head(s.model, h[:, -1], s.label_ids)}
+
+    return cached_features(a, "-layers", rows_of)
 
 
 def probe(f: dict, rows: int, rank: int, l2: float) -> tuple[float, float]:
