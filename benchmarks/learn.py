@@ -104,6 +104,10 @@ for _s in range(3):
     CELLS[f"default-readout-s{_s}"] = ["--readout", "64", "--seed", str(_s)]
     # the readout alone on `prge train`'s default task (SST-2, default prompt): is the LoRA part of the default needed?
     CELLS[f"default-readout-alone-s{_s}"] = ["--steps", "0", "--readout", "64", "--seed", str(_s)]
+    # the same two after SST-2's dev rows became whole sentences only (2026-12-03, `prge.data.classification.load_sst2`):
+    # the cells above ran with phrase-level dev rows, where the readout's dev gains did not carry to test
+    CELLS[f"default-sentdev-s{_s}"] = ["--readout", "64", "--seed", str(_s)]
+    CELLS[f"default-sentdev-readout-alone-s{_s}"] = ["--steps", "0", "--readout", "64", "--seed", str(_s)]
 
 # the cells above that predate the readout ran without it (it was not there); --readout 0 keeps them meaning that
 for _c, _a in CELLS.items():

@@ -26,6 +26,7 @@ from prge.run import adapters  # noqa: E402
 from prge.run.train import prepare, run  # noqa: E402
 from prge.testing import peft_label_logits, save_tiny  # noqa: E402
 from prge.zo import readout  # noqa: E402
+from prge.zo.lora import trainable_b  # noqa: E402
 from prge.zo.loss import label_head, label_scores  # noqa: E402
 
 STEPS, RO = 2, dict(readout_steps=1500, readout_rows=48)
@@ -120,6 +121,21 @@ def test_resume_after_the_last_step_fits_the_same_readout(setup, device_run):
     a = readout.get(prepare(setup["cfg"], adapter=str(out / "checkpoints" / "best" / "adapter")).model)
     b = readout.get(prepare(setup["cfg"], adapter=str(device_run[0] / "checkpoints" / "best" / "adapter")).model)
     assert torch.equal(a.b, b.b) and torch.equal(a.a, b.a)
+
+
+def test_the_device_keeps_the_untrained_readout_as_prge_train_does(setup, tmp_path):
+    # lr 1.0 (as tests/test_readout.py): the LoRA steps' best checkpoint reads out worse than the untrained model
+    kw = dict(steps=6, eval_every=2, lr=1.0, readout_steps=300)
+    eager = run(TrainConfig(**{**vars(setup["cfg"]), **kw, "out": str(tmp_path / "eager")}))
+    summary = device(setup, tmp_path / "dev", steps=6, eval_every=2, lr=1.0,
+                     readout=ReadoutSettings(None, steps=300, rows=RO["readout_rows"]))
+    ro, ero = summary["readout"], eager["readout"]
+    assert summary["best_step"] == eager["best_step"] > 0 and ro["checkpoint_step"] == ero["checkpoint_step"] == 0
+    assert ro["dev_after_untrained"] == ero["dev_after_untrained"] and ro["dev_after"] == ero["dev_after"]
+    kept = prepare(setup["cfg"], adapter=str(tmp_path / "dev" / "checkpoints" / "best" / "adapter"))
+    assert all(float(b.abs().max()) == 0 for b in trainable_b(kept.model))
+    eager_kept = readout.get(prepare(setup["cfg"], adapter=str(tmp_path / "eager" / "checkpoints" / "best")).model)
+    torch.testing.assert_close(readout.get(kept.model).b, eager_kept.b, atol=1e-4, rtol=1e-4)
 
 
 def test_readout_off_and_the_recorded_default(setup, tmp_path):

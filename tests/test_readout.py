@@ -6,6 +6,7 @@ The data: text/label rows whose last token decides the label ("... alpha" -> gre
 tiny random model's final hidden state separates the labels while its head's label rows do not.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from prge.run import adapters
 from prge.run.train import prepare, run
 from prge.testing import peft_label_logits, save_tiny
 from prge.zo import readout
+from prge.zo.lora import trainable_b
 from prge.zo.loss import label_scores
 
 
@@ -74,6 +76,27 @@ def test_readout_off_and_never_below_its_start(tiny, data, tmp_path):
     assert fit.dev_after >= fit.dev_before
     if fit.best_step == 0:
         assert float(fit.readout.b.abs().max()) == 0
+
+
+def test_the_readout_on_the_untrained_model_is_kept_where_it_is_better_on_dev(tiny, data, tmp_path):
+    # lr 1.0: the LoRA steps raise dev 0.67 -> 0.75 (best checkpoint at step 4) but leave hidden states that no
+    # readout reads better, while the untrained model's readout reaches 0.92
+    c = cfg(tiny, data, tmp_path / "r", steps=6, eval_every=2, lr=1.0, readout_steps=300)
+    summary = run(c)
+    ro = summary["readout"]
+    assert summary["best_step"] > 0 and ro["checkpoint_step"] == 0
+    assert ro["dev_after_untrained"] == ro["dev_after"] > summary["best_dev"]
+    s = prepare(c)  # the untrained model: its own readout, fitted alone, is the one kept
+    alone = readout.fit(s.model, s.train[:c.readout_rows], s.dev, s.pad_id, s.label_ids, rank=ro["rank"], steps=300, lr=c.readout_lr,
+                        q=c.q, eps=c.eps, seed=c.seed, eval_batch_size=c.eval_batch_size)
+    kept = prepare(c, adapter=str(tmp_path / "r" / "checkpoints" / "best"))
+    assert torch.equal(readout.get(kept.model).b, alone.readout.b)
+    assert all(float(b.abs().max()) == 0 for b in trainable_b(kept.model))  # the best checkpoint's B set to 0
+    assert summary["test_after_best"] == kept.evaluate(kept.test)["accuracy"]
+    # where the best checkpoint's readout is at least as good, it is kept (ties go to the trained model)
+    fit = dataclasses.replace(alone, dev_after=0.5)
+    assert readout.keep_untrained(fit, alone) and not readout.keep_untrained(alone, alone)
+    assert not readout.keep_untrained(alone, None)
 
 
 def _trained(tiny, data, tmp_path):

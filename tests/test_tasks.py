@@ -90,6 +90,16 @@ def test_sst2_other_seed_differs(sst2):
     assert all("sst2/train.tsv" in e.source for e in sst2.train) and all("sst2/dev.tsv" in e.source for e in sst2.dev)
 
 
+def test_sst2_dev_rows_are_whole_sentences_like_test(sst2):
+    """SST-2 selects on whole sentences, as its test rows are; its train pool keeps the phrases."""
+    from prge.data.classification import whole_sentence
+
+    assert all(whole_sentence(e.fields["sentence"]) for e in sst2.dev)
+    assert sum(whole_sentence(e.fields["sentence"]) for e in sst2.test) / len(sst2.test) > 0.95
+    assert sum(whole_sentence(e.fields["sentence"]) for e in sst2.train) / len(sst2.train) < 0.5
+    assert not whole_sentence("well-conceived") and whole_sentence("a charming journey .") and not whole_sentence("")
+
+
 def test_rte_dev_is_disjoint_from_train(rte):
     assert not {e.source for e in rte.train} & {e.source for e in rte.dev}
     assert all("rte_glue/dev.tsv" not in e.source for e in rte.train + rte.dev)

@@ -31,10 +31,25 @@ def _sst2_rows(path: Path) -> list[Example]:
     return out
 
 
+# The words a whole GLUE sentence ends with (tokenised: "... journey ."). SST-2's test rows (GLUE dev)
+# are whole sentences (97.6% end so, median 19 words); its train and dev pools are GLUE train, mostly
+# phrase-level rows ("well-conceived", median 7 words, 19% end so).
+SENTENCE_ENDS = frozenset({".", "!", "?", "...", "'"})
+
+
+def whole_sentence(sentence: str) -> bool:
+    words = sentence.split()
+    return bool(words) and words[-1] in SENTENCE_ENDS
+
+
 def load_sst2(root: Path) -> dict[str, list[Example]]:
+    """Train on every row of the train pool; select (dev) on the dev pool's whole sentences only
+    (1,300 of 6,735 rows), so that dev measures what test measures: on phrase-level dev rows a
+    readout's dev gains of +1.0 to +2.6 points came with test losses of 0.2 to 1.0 (docs/optimiser.md,
+    section 7), and the best-dev checkpoint was chosen on a distribution test never shows."""
     return {
         "train": _sst2_rows(data_file(root, "sst2/train.tsv")),
-        "dev": _sst2_rows(data_file(root, "sst2/dev.tsv")),
+        "dev": [e for e in _sst2_rows(data_file(root, "sst2/dev.tsv")) if whole_sentence(e.fields["sentence"])],
         "test": _sst2_rows(data_file(root, "sst2/test.tsv")),
     }
 

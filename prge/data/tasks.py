@@ -47,8 +47,9 @@ The templates (from the paper's reference code where it has one):
   with it) and the paper's `{sentence} It was` + " terrible"/" great" (53%: the model says " great"
   98% of the time) stay one flag away: `--template "Review: {sentence}\\nSentiment:"`, `--template
   "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
-  rows, GLUE train incl. phrase-level rows, 90%), dev pool `sst2/dev.tsv` (6,735, the other 10%),
-  test `sst2/test.tsv` (the 872-row labelled GLUE dev set). Sentences are GLUE's lower-cased,
+  rows, GLUE train incl. phrase-level rows, 90%), dev pool the whole sentences of `sst2/dev.tsv`
+  (1,300 of its 6,735 rows, the other 10%; until 2026-12-03 every row, mostly phrases), test
+  `sst2/test.tsv` (the 872-row labelled GLUE dev set, whole sentences). Sentences are GLUE's lower-cased,
   tokenized text ("it 's a charming ... journey ."); only surrounding whitespace is stripped, the
   tokenization is kept as the reference code feeds it.
 - `rte`: `{premise}\\nDoes this mean that "{hypothesis}" is true? Yes or No?` + " Yes" (0,

@@ -327,29 +327,48 @@ def device_features(engine: Engine, tensors: dict, split: str, rows: int, g: tor
 def fit_readout(engine: Engine, tensors: dict, lora_a: dict, best: Path, settings: ReadoutSettings, rank: int, *, seed: int,
                 eps: float, lr_of, log=say) -> dict:
     """The label readout (`prge.zo.readout`) on the best checkpoint, as `prge train` fits it after its
-    steps: the program's state is set to that checkpoint (`write_raw`), its `features` method gives the
-    hidden states of the first `rows` training rows and of the dev rows, and `readout.fit_features`
-    (the eager trainer's own function) fits it on the host. The best checkpoint's adapter is rewritten
-    with the readout on the LM head (PEFT). Returns the summary's "readout" entry."""
+    steps: the program's `features` method gives the hidden states of the first `rows` training rows and of
+    the dev rows, and `readout.fit_features` (the eager trainer's own function) fits it on the host; where
+    the best checkpoint is past step 0 this is done on the untrained state too (loading `features` leaves
+    the program in it) before the checkpoint's state is written (`write_raw`), and the better on dev is
+    kept (`readout.keep_untrained`). The best checkpoint's adapter is rewritten with the readout on the LM
+    head (PEFT), with B = 0 where the untrained state won. Returns the summary's "readout" entry."""
     m = engine.manifest
     raw, g, state = load_checkpoint(best, m)
-    engine.load("features")  # before the state is written: loading re-initialises it
+    engine.load("features")  # before the state is written: loading re-initialises it (the untrained state)
+    n_dev = tensors["dev_input_ids"].shape[0] if "dev_input_ids" in tensors else 0
+    t0 = time.time()
+
+    def fit_here(g: torch.Tensor, lr_b: float, where: str) -> readout.Fit:
+        train = device_features(engine, tensors, "train", settings.rows, g, lr_b)
+        dev = device_features(engine, tensors, "dev", n_dev, g, lr_b) if n_dev else train
+        fit = readout.fit_features(train, dev, torch.tensor(m["label_ids"]), rank=rank, steps=settings.steps, lr=settings.lr,
+                                   q=m["q"], eps=eps, seed=seed, cap=m["readout"].get("softcap"))
+        log(f"label readout (rank {fit.readout.rank}) on {where}: dev {fit.dev_before:.4f} -> {fit.dev_after:.4f} "
+            f"(best of {settings.steps} steps at step {fit.best_step})")
+        return fit
+
+    untrained = b0 = None
+    if state["step"] > 0:
+        g0 = torch.zeros_like(g)
+        b0 = engine("read_state", g0, scalar(0.0))[0]
+        untrained = fit_here(g0, 0.0, "the untrained state")
     engine("write_raw", raw)
     lr_b = lr_of(state["step"])
-    t0 = time.time()
-    train = device_features(engine, tensors, "train", settings.rows, g, lr_b)
-    n_dev = tensors["dev_input_ids"].shape[0] if "dev_input_ids" in tensors else 0
-    dev = device_features(engine, tensors, "dev", n_dev, g, lr_b) if n_dev else train
-    fit = readout.fit_features(train, dev, torch.tensor(m["label_ids"]), rank=rank, steps=settings.steps, lr=settings.lr,
-                               q=m["q"], eps=eps, seed=seed, cap=m["readout"].get("softcap"))
-    fit.seconds_features = time.time() - t0 - fit.seconds_steps
-    write_adapter(io.resolve_dir(best) / "adapter", m, lora_a, engine("read_state", g, scalar(lr_b))[0], readout=fit.readout)
-    log(f"label readout (rank {fit.readout.rank}) on the best checkpoint (step {state['step']}): dev {fit.dev_before:.4f} -> "
-        f"{fit.dev_after:.4f} (best of {settings.steps} steps at step {fit.best_step}); features {fit.seconds_features:.0f} s, "
-        f"steps {fit.seconds_steps:.1f} s")
+    fit = fit_here(g, lr_b, f"the best checkpoint (step {state['step']})")
+    b, step = engine("read_state", g, scalar(lr_b))[0], state["step"]
+    steps_s = fit.seconds_steps + (untrained.seconds_steps if untrained is not None else 0.0)
+    if readout.keep_untrained(fit, untrained):
+        log(f"keeping the readout on the untrained state (dev {untrained.dev_after:.4f} > {fit.dev_after:.4f}): "
+            "the best checkpoint's adapter gets B = 0")
+        fit, b, step = untrained, b0, 0
+    features_s = time.time() - t0 - steps_s
+    write_adapter(io.resolve_dir(best) / "adapter", m, lora_a, b, readout=fit.readout)
+    log(f"label readout kept: dev {fit.dev_before:.4f} -> {fit.dev_after:.4f}; features {features_s:.0f} s, steps {steps_s:.1f} s")
     return {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
-            "best_step": fit.best_step, "steps": settings.steps, "checkpoint_step": state["step"],
-            "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
+            "best_step": fit.best_step, "steps": settings.steps, "checkpoint_step": step,
+            "dev_after_untrained": untrained.dev_after if untrained is not None else None,
+            "minutes": (features_s + steps_s) / 60}
 
 
 def check_readout_settings(settings: ReadoutSettings) -> None:

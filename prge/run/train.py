@@ -62,6 +62,8 @@ class Setup:
     share: object = None  # this process's queries of a torchrun run (`prge.run.dist.Share`), else None
     readout_rank: int = 0  # the label readout fitted after the last step on the best checkpoint (`prge.zo.readout`), 0: none
     readout_fit: object = None  # its `prge.zo.readout.Fit`, once fitted
+    readout_on_step: int = 0  # the step of the checkpoint it was fitted on (0: the untrained model)
+    readout_other_dev: float | None = None  # the dev accuracy of the readout fitted on the untrained model, where one was
 
     @property
     def loss_kind(self) -> str:
@@ -368,7 +370,8 @@ def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
         best = fit_readout(s, run_dir / "checkpoints" / "best")
         fit = s.readout_fit
         summary["readout"] = {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
-                              "best_step": fit.best_step, "steps": cfg.readout_steps,
+                              "best_step": fit.best_step, "steps": cfg.readout_steps, "checkpoint_step": s.readout_on_step,
+                              "dev_after_untrained": s.readout_other_dev,
                               "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
         summary["minutes"] += summary["readout"]["minutes"]
     elif state["best_step"] != cfg.steps and cfg.tune != "full":
@@ -383,7 +386,8 @@ def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
     plot(run_dir / "metrics.jsonl", run_dir / "curves.png")
     what = "token accuracy" if completion else "accuracy"
     say(f"test {what}: before {_num(summary['test_before'])} -> after {_num(summary['test_after_last'])} (last step), "
-        f"{_num(summary['test_after_best'])} (best dev checkpoint, step {state['best_step']}); "
+        f"{_num(summary['test_after_best'])} (best dev checkpoint, step {state['best_step']}"
+        f"{'; its readout fitted on the untrained model, B = 0' if summary.get('readout', {}).get('checkpoint_step') == 0 and state['best_step'] else ''}); "
         f"{cfg.steps} steps in {seconds / 60:.1f} min")
     if completion:
         say(f"test answer loss: before {_num(summary['test_loss_before'])} -> after {_num(summary['test_loss_after_last'])} "
@@ -398,27 +402,54 @@ def _num(x, digits: int = 4) -> str:
 
 
 def fit_readout(s: Setup, best: Path) -> dict:
-    """After the LoRA steps: fit the label readout (`prge.zo.readout`) on the best dev checkpoint's model,
-    write it into that checkpoint, and evaluate the test split with both; the model keeps those weights.
+    """After the LoRA steps: fit the label readout (`prge.zo.readout`) on the best dev checkpoint's model
+    and, where that checkpoint is past step 0, on the untrained model too; keep the better on dev
+    (`readout.keep_untrained`), write it into the best checkpoint (with B = 0 where the untrained model
+    won) and evaluate the test split with it; the model keeps those weights.
 
     The readout's own dev selection includes B = 0, so the checkpoint's dev accuracy never drops. It comes
     after the LoRA steps because a LoRA step changes the hidden states the readout reads: fitted first,
     the readout amplifies that change (measured: copa2 dev 90.5% fell to 47.5% in 4 LoRA steps)."""
     c = s.cfg
     have = io.resolve_dir(best).is_dir()
+    step = json.loads((io.resolve_dir(best) / "trainer_state.json").read_text())["step"] if have else 0
+
+    def fit_here(where: str) -> readout.Fit:
+        readout.attach(s.model, None)
+        fit = readout.fit(s.model, s.train[:c.readout_rows], s.dev, s.pad_id, s.label_ids, rank=s.readout_rank,
+                          steps=c.readout_steps, lr=c.readout_lr, q=c.q, eps=c.eps, seed=c.seed, eval_batch_size=c.eval_batch_size)
+        say(f"label readout (rank {fit.readout.rank}, {fit.readout.b.numel()} values) on {where}: dev "
+            f"{fit.dev_before:.4f} -> {fit.dev_after:.4f} (best of {c.readout_steps} steps at step {fit.best_step}); features of "
+            f"{fit.rows} training + {len(s.dev)} dev rows {fit.seconds_features:.0f} s, steps {fit.seconds_steps:.1f} s")
+        return fit
+
+    def zero_b() -> None:
+        with torch.no_grad():
+            for p in trainable_b(s.model):
+                p.zero_()
+
+    untrained = None
+    if have and step > 0:
+        zero_b()
+        untrained = fit_here("the untrained model")
     if have:
         adapters.load_adapter(s.model, io.resolve_dir(best))  # the best B (and any readout of an earlier, killed finish)
-    readout.attach(s.model, None)
-    fit = readout.fit(s.model, s.train[:c.readout_rows], s.dev, s.pad_id, s.label_ids, rank=s.readout_rank,
-                      steps=c.readout_steps, lr=c.readout_lr, q=c.q, eps=c.eps, seed=c.seed, eval_batch_size=c.eval_batch_size)
+    fit = fit_here(f"the best checkpoint (step {step})")
+    if untrained is not None:
+        both = {"seconds_features": fit.seconds_features + untrained.seconds_features,
+                "seconds_steps": fit.seconds_steps + untrained.seconds_steps}
+        if readout.keep_untrained(fit, untrained):
+            say(f"keeping the readout on the untrained model (dev {untrained.dev_after:.4f} > {fit.dev_after:.4f}): "
+                "the best checkpoint's B is set to 0")
+            zero_b()
+            fit, step = untrained, 0
+        fit = dataclasses.replace(fit, **both)
     readout.attach(s.model, fit.readout)
-    s.readout_fit = fit
-    say(f"label readout (rank {fit.readout.rank}, {fit.readout.b.numel()} values) on the best checkpoint: dev "
-        f"{fit.dev_before:.4f} -> {fit.dev_after:.4f} (best of {c.readout_steps} steps at step {fit.best_step}); features of "
-        f"{fit.rows} training + {len(s.dev)} dev rows {fit.seconds_features:.0f} s, steps {fit.seconds_steps:.1f} s")
+    s.readout_fit, s.readout_on_step = fit, step
+    s.readout_other_dev = untrained.dev_after if untrained is not None else None
     if have:
         state = json.loads((io.resolve_dir(best) / "trainer_state.json").read_text())
-        step = state.pop("step")
+        state.pop("step")
         state.pop("config", None)
         save_checkpoint(s, best, step, state, None)
     return s.evaluate(s.test)

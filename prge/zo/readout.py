@@ -148,6 +148,16 @@ def fit(model: nn.Module, train: list[Encoded], dev: list[Encoded], pad_id: int,
     return out
 
 
+def keep_untrained(on_best: Fit, on_untrained: Fit | None) -> bool:
+    """Which readout a run keeps, where the LoRA steps moved the model (best checkpoint after step 0): the
+    one fitted on the untrained model only where its dev accuracy is strictly higher, else the one on the
+    best checkpoint. The LoRA steps are selected by their own dev accuracy, not by what a readout makes of
+    the hidden states they leave: on copa4 they raised dev 24.5 -> 35.0% but left h less linearly
+    readable (the readout after them 50.0%, on the untrained model 56.5%; docs/optimiser.md section 7).
+    Costs one more forward per readout row and dev row."""
+    return on_untrained is not None and on_untrained.dev_after > on_best.dev_after
+
+
 @dataclass
 class Features:
     """Rows for the readout: final hidden states h (N, H) at the answer position, labels (N,), and the
