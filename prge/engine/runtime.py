@@ -31,6 +31,7 @@ nothing but torch, `executorch.runtime` and prge's small pure modules (not the m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -362,13 +363,11 @@ def fit_readout(engine: Engine, tensors: dict, lora_a: dict, best: Path, setting
         log(f"keeping the readout on the untrained state (dev {untrained.dev_after:.4f} > {fit.dev_after:.4f}): "
             "the best checkpoint's adapter gets B = 0")
         fit, b, step = untrained, b0, 0
-    features_s = time.time() - t0 - steps_s
+    fit = dataclasses.replace(fit, seconds_features=time.time() - t0 - steps_s, seconds_steps=steps_s)
     write_adapter(io.resolve_dir(best) / "adapter", m, lora_a, b, readout=fit.readout)
-    log(f"label readout kept: dev {fit.dev_before:.4f} -> {fit.dev_after:.4f}; features {features_s:.0f} s, steps {steps_s:.1f} s")
-    return {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
-            "best_step": fit.best_step, "steps": settings.steps, "checkpoint_step": step,
-            "dev_after_untrained": untrained.dev_after if untrained is not None else None,
-            "minutes": (features_s + steps_s) / 60}
+    log(f"label readout kept: dev {fit.dev_before:.4f} -> {fit.dev_after:.4f}; features {fit.seconds_features:.0f} s, "
+        f"steps {steps_s:.1f} s")
+    return readout.summary_entry(fit, settings.steps, step, untrained)
 
 
 def check_readout_settings(settings: ReadoutSettings) -> None:

@@ -61,9 +61,7 @@ class Setup:
     kind: str = "classification"  # the task's kind (prge.data.tasks.KINDS), or "completion" for the user's own completions
     share: object = None  # this process's queries of a torchrun run (`prge.run.dist.Share`), else None
     readout_rank: int = 0  # the label readout fitted after the last step on the best checkpoint (`prge.zo.readout`), 0: none
-    readout_fit: object = None  # its `prge.zo.readout.Fit`, once fitted
-    readout_on_step: int = 0  # the step of the checkpoint it was fitted on (0: the untrained model)
-    readout_other_dev: float | None = None  # the dev accuracy of the readout fitted on the untrained model, where one was
+    readout_summary: dict | None = None  # summary.json's "readout" entry, once fitted (`readout.summary_entry`)
 
     @property
     def loss_kind(self) -> str:
@@ -368,11 +366,7 @@ def finish(s: Setup, run_dir: Path, state: dict, seconds: float) -> dict:
     best = after
     if s.readout_rank:
         best = fit_readout(s, run_dir / "checkpoints" / "best")
-        fit = s.readout_fit
-        summary["readout"] = {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
-                              "best_step": fit.best_step, "steps": cfg.readout_steps, "checkpoint_step": s.readout_on_step,
-                              "dev_after_untrained": s.readout_other_dev,
-                              "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
+        summary["readout"] = s.readout_summary
         summary["minutes"] += summary["readout"]["minutes"]
     elif state["best_step"] != cfg.steps and cfg.tune != "full":
         best = prepare_eval_copy(s, run_dir / "checkpoints" / "best")
@@ -412,7 +406,9 @@ def fit_readout(s: Setup, best: Path) -> dict:
     the readout amplifies that change (measured: copa2 dev 90.5% fell to 47.5% in 4 LoRA steps)."""
     c = s.cfg
     have = io.resolve_dir(best).is_dir()
-    step = json.loads((io.resolve_dir(best) / "trainer_state.json").read_text())["step"] if have else 0
+    state = json.loads((io.resolve_dir(best) / "trainer_state.json").read_text()) if have else {}
+    step = state.pop("step", 0)
+    state.pop("config", None)
 
     def fit_here(where: str) -> readout.Fit:
         readout.attach(s.model, None)
@@ -445,12 +441,8 @@ def fit_readout(s: Setup, best: Path) -> dict:
             fit, step = untrained, 0
         fit = dataclasses.replace(fit, **both)
     readout.attach(s.model, fit.readout)
-    s.readout_fit, s.readout_on_step = fit, step
-    s.readout_other_dev = untrained.dev_after if untrained is not None else None
+    s.readout_summary = readout.summary_entry(fit, c.readout_steps, step, untrained)
     if have:
-        state = json.loads((io.resolve_dir(best) / "trainer_state.json").read_text())
-        state.pop("step")
-        state.pop("config", None)
         save_checkpoint(s, best, step, state, None)
     return s.evaluate(s.test)
 

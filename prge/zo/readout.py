@@ -158,6 +158,14 @@ def keep_untrained(on_best: Fit, on_untrained: Fit | None) -> bool:
     return on_untrained is not None and on_untrained.dev_after > on_best.dev_after
 
 
+def summary_entry(fit: Fit, steps: int, checkpoint_step: int, untrained: Fit | None) -> dict:
+    """summary.json's "readout" entry, one writer for `prge train` and `prge device-train`."""
+    return {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
+            "best_step": fit.best_step, "steps": steps, "checkpoint_step": checkpoint_step,
+            "dev_after_untrained": untrained.dev_after if untrained is not None else None,
+            "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
+
+
 @dataclass
 class Features:
     """Rows for the readout: final hidden states h (N, H) at the answer position, labels (N,), and the
