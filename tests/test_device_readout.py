@@ -144,15 +144,89 @@ def test_readout_off_and_the_recorded_default(setup, tmp_path):
     assert load_manifest(setup["path"])["run_defaults"]["readout_steps"] == RO["readout_steps"]
 
 
-def test_native_runs_the_readout_host_step(setup, device_run, tmp_path):
+def native_or_skip():
     native = pytest.importorskip("prge.engine.native")
     if shutil.which("cmake") is None:
         pytest.skip("no cmake")
-    from prge.engine.runtime import ReadoutSettings as RS
+    return native
 
-    summary = native.native_train(setup["path"], setup["data"], tmp_path / "n", steps=STEPS, lr=0.01, eps=setup["cfg"].eps,
-                                  seed=0, eval_every=STEPS, readout=RS(None, **{k[len("readout_"):]: v for k, v in RO.items()}))
+
+def settings(**kw):
+    return ReadoutSettings(None, **{**{k[len("readout_"):]: v for k, v in RO.items()}, **kw})
+
+
+def test_the_program_readout_step_is_the_eager_readout_step(setup):
+    m = setup["manifest"]
+    assert "readout_step" in m["methods"] and m["readout"]["rank"] == readout.DEFAULT_RANK
+    engine = Engine(setup["path"], m)
+    assert "readout_step" not in engine.methods
+    engine.load("readout_step")
+    g = torch.Generator().manual_seed(0)
+    n, r, k = readout.BATCH, m["readout"]["rank"], len(m["label_ids"])
+    f, base, y = torch.randn(n, r, generator=g), torch.randn(n, k, generator=g), torch.randint(0, k, (n,), generator=g)
+    b, key = torch.randn(k, r, generator=g) * 0.1, torch.tensor([3, 7])
+    got = engine("readout_step", f, base, y, b, key, torch.tensor([1e-2]), torch.tensor([1e-2]))[0]
+    want = readout.step(b, f, base, y, key, m["q"], 1e-2, 1e-2, None)
+    assert not torch.equal(want, b)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # the program's portable kernels, not torch's
+
+
+def test_native_fits_the_readout_in_the_binary_as_the_python_loop_does(setup, device_run, tmp_path):
+    native = native_or_skip()
+    out = tmp_path / "n"
+    summary = native.native_train(setup["path"], setup["data"], out, steps=STEPS, lr=0.01, eps=setup["cfg"].eps, seed=0,
+                                  eval_every=STEPS, readout=settings())
+    info = json.loads((out / "native.json").read_text())["readout"]  # fitted by the binary, not by a Python host step
+    assert info["rank"] == readout.DEFAULT_RANK and info["rows"] == RO["readout_rows"]
     assert summary["readout"] == {**device_run[1]["readout"], "minutes": summary["readout"]["minutes"]}
+    # the binary's basis (Eigen) and steps (the program's readout_step) against the host's (torch)
+    a = readout.get(prepare(setup["cfg"], adapter=str(out / "checkpoints" / "best" / "adapter")).model)
+    b = readout.get(prepare(setup["cfg"], adapter=str(device_run[0] / "checkpoints" / "best" / "adapter")).model)
+    assert float(b.b.abs().max()) > 0.1
+    torch.testing.assert_close(a.a, b.a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.b, b.b, atol=1e-3, rtol=1e-3)
+
+
+def test_native_keeps_the_untrained_readout_as_the_python_loop_does(setup, tmp_path):
+    native = native_or_skip()
+    kw = dict(steps=6, eval_every=2, lr=1.0, eps=setup["cfg"].eps, seed=0, readout=settings(steps=300))
+    py = device_train(setup["path"], setup["data"], tmp_path / "py", progress=False, **kw)
+    nat = native.native_train(setup["path"], setup["data"], tmp_path / "n", **kw)
+    assert "readout" in json.loads((tmp_path / "n" / "native.json").read_text())
+    assert nat["readout"]["checkpoint_step"] == py["readout"]["checkpoint_step"] == 0 < nat["best_step"]
+    assert nat["readout"] == {**py["readout"], "minutes": nat["readout"]["minutes"]}
+    kept = prepare(setup["cfg"], adapter=str(tmp_path / "n" / "checkpoints" / "best" / "adapter"))
+    assert all(float(b.abs().max()) == 0 for b in trainable_b(kept.model))
+
+
+def test_native_on_a_program_without_readout_step_fits_it_in_python(setup, device_run, tmp_path):
+    native = native_or_skip()
+    path = tmp_path / "old.pte"
+    for suffix in ("", ".json", ".adapter.safetensors"):
+        shutil.copy(str(setup["path"]) + suffix, str(path) + suffix)
+    m = json.loads((tmp_path / "old.pte.json").read_text())
+    del m["methods"]["readout_step"], m["readout"]["rank"]  # as a program exported before the binary fitted it
+    (tmp_path / "old.pte.json").write_text(json.dumps(seal(m)))
+    said = []
+    summary = native.native_train(path, setup["data"], tmp_path / "n", steps=STEPS, lr=0.01, eps=setup["cfg"].eps, seed=0,
+                                  eval_every=STEPS, readout=settings(), log=said.append)
+    assert "readout" not in json.loads((tmp_path / "n" / "native.json").read_text())
+    assert any("fitted in Python" in x for x in said), said
+    assert summary["readout"] == {**device_run[1]["readout"], "minutes": summary["readout"]["minutes"]}
+
+
+def test_the_binary_refuses_a_readout_rank_its_program_lacks(setup, tmp_path):
+    import subprocess
+
+    native = native_or_skip()
+    plan = native.write_plan(tmp_path / "plan.safetensors", 48, setup["manifest"]["batch_size"], 0, STEPS, 48, 10)
+    out = tmp_path / "o"
+    r = subprocess.run([str(native.build()), "--program", str(setup["path"]), "--data", str(setup["data"]), "--plan", str(plan),
+                        "--out", str(out), "--steps", str(STEPS), "--lr", "0.01", "--eps", "0.01", "--readout", "8",
+                        "--readout-steps", "10", "--readout-lr", "0.01", "--readout-rows", "48"], capture_output=True, text=True)
+    errors = [x for x in r.stderr.splitlines() if "error:" in x]
+    assert r.returncode == 2 and len(errors) == 1 and "exported for rank 64" in errors[0], r.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -82,9 +82,10 @@ def test_manifest_describes_the_program(prog):
     assert (m["q"], m["batch_size"], m["max_length"], m["answer_slots"], m["copies"]) == (Q, B, T, 1, 2 * Q)
     assert m["noise"] == "counter" and m["reproducible"] and m["loss"] == "class"
     assert [x["name"] for x in m["layers"]] == list(lora_layers(prog["eager"]))
-    # the training methods, and for a classification program the label readout's features method
-    assert set(m["methods"]) == {"train_step", "read_state", "read_raw", "write_raw", "evaluate", "features"}
-    assert m["readout"] == {"head": "lm_head", "hidden_size": prog["eager"].config.hidden_size, "softcap": None}
+    # the training methods, and for a classification program the label readout's features and readout_step methods
+    assert set(m["methods"]) == {"train_step", "read_state", "read_raw", "write_raw", "evaluate", "features", "readout_step"}
+    assert m["readout"] == {"head": "lm_head", "hidden_size": prog["eager"].config.hidden_size, "softcap": None,
+                            "rank": 64, "batch": 16, "eval_every": 250}
     assert m["label_ids"] == prog["setup"].label_ids.tolist() and m["rank"] == 4
     assert os.path.getsize(prog["path"]) == m["program_bytes"]
 

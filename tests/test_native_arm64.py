@@ -27,13 +27,14 @@ from prge.config import TrainConfig  # noqa: E402
 from prge.engine import native  # noqa: E402
 from prge.engine.export import export_program  # noqa: E402
 from prge.engine.formats import final_b, write_dataset  # noqa: E402
-from prge.engine.runtime import device_train  # noqa: E402
+from prge.engine.runtime import ReadoutSettings, device_train  # noqa: E402
 from prge.errors import PrgeError  # noqa: E402
 from prge.run.train import prepare  # noqa: E402
 from prge.testing import save_tiny  # noqa: E402
 
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
-KW = dict(steps=4, lr=2e-2, eps=1e-2, seed=3, eval_every=2)
+# the label readout with fewer steps than the default 10,000: the aarch64 binary fits it under qemu
+KW = dict(steps=4, lr=2e-2, eps=1e-2, seed=3, eval_every=2, readout=ReadoutSettings(None, steps=500))
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def rows(out):
 def test_cross_built_binary_is_aarch64_and_matches_the_python_loop_under_qemu(arm):
     assert native.binary_machine(arm["exe"]) == "aarch64"
     py, nat = arm["root"] / "py", arm["root"] / "nat"
-    device_train(arm["path"], arm["data"], py, progress=False, **KW)
-    native.native_train(arm["path"], arm["data"], nat, binary=arm["exe"], launcher=QEMU, log=lambda m: None, **KW)
+    sp = device_train(arm["path"], arm["data"], py, progress=False, **KW)
+    sn = native.native_train(arm["path"], arm["data"], nat, binary=arm["exe"], launcher=QEMU, log=lambda m: None, **KW)
+    assert "readout" in json.loads((nat / "native.json").read_text())  # fitted by the aarch64 binary
+    assert sn["readout"] == {**sp["readout"], "minutes": sn["readout"]["minutes"]}
     lp = [r["loss"] for r in rows(py) if "split" not in r]
     ln = [r["loss"] for r in rows(nat) if "split" not in r]
     assert len(lp) == len(ln) == KW["steps"] and max(abs(a - b) for a, b in zip(lp, ln)) <= 1e-5

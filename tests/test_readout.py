@@ -157,3 +157,16 @@ def test_bad_readout_options_are_one_clear_line(tiny, data, tmp_path, capsys, ex
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
     assert not (out / "checkpoints").exists()
+
+
+def test_the_basis_has_one_sign_per_direction_and_whitens():
+    # the C++ runner's SVD (Eigen) must give this basis: an SVD's signs are arbitrary, the rule fixes them
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    a = readout.basis(h, 16)
+    assert a.shape == (16, 12) and float(a[12:].abs().max()) == 0  # rows past the features' rank are zero
+    assert bool((a[:12].gather(1, a[:12].abs().argmax(1, keepdim=True)) > 0).all())
+    f = h @ a[:12].T
+    torch.testing.assert_close(f.T @ f / 40, torch.eye(12), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(readout.basis(-h, 16), a)  # negated features: the same basis
+

@@ -24,6 +24,9 @@ copies of B) into one `.pte` with these methods, all sharing the program's mutab
                                          the head's label-word logits before any soft-cap, and the
                                          final hidden state at the answer position: what the label
                                          readout's host step (`prge.zo.readout.fit_features`) reads
+    readout_step(f, base, y, b, key, eps, lr) -> b' f32 (L,R)            (classification, one process)
+                                         one step of that readout on 16 cached rows (`prge.zo.readout.step`,
+                                         R = manifest["readout"]["rank"]): the C++ runner's readout calls it
 A program exported with `ranks` > 1 is one rank's part of an engine fleet (`StepProgram.fleet`,
 `prge.engine.fleet`): train_step takes the rank's first global query id as a last input, a method
 `update(g, lr, key)` applies the update from all q values of g, and the state is the clean B.
@@ -64,6 +67,7 @@ from torch import nn
 
 import prge
 from prge.zo import estimator as est
+from prge.zo import readout as ro
 from prge import io
 from prge.data.batch import Batch
 from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, QUANTIZED_MIN_EPS, check_eps,
@@ -131,6 +135,7 @@ class StepProgram(nn.Module):
             for j, m in enumerate(lora_layers(model).values()):
                 self.register_buffer(f"clean_{j}", m.copies[0].detach().clone())
         self.label_ids = None if label_ids is None else torch.as_tensor(label_ids, dtype=torch.long).clone()
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self.method = "train_step"
 
     def forward(self, *args):
@@ -233,6 +238,9 @@ class StepProgram(nn.Module):
             h = hidden_at(self.model, input_ids, target_pos)[:, 0].float()
             return label_head(self.model, h, self.label_ids), h
 
+    def readout_step(self, f, base, y, b, key, eps, lr):
+        return ro.step(b, f, base, y, key, self.q, eps, lr, self.softcap)
+
     def evaluate_lm(self, input_ids, target_pos, target_ids, target_mask, g, lr):
         with using(self.model, [b[None] for b in self._clean(g, lr)]):
             h = hidden_at(self.model, input_ids, target_pos)
@@ -262,7 +270,7 @@ def _after(x: torch.Tensor, written: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, loss: str, noise: str,
-                    with_labels: bool, ranks: int = 1) -> dict[str, tuple]:
+                    with_labels: bool, ranks: int = 1, labels: int = 0, readout_rank: int = 0) -> dict[str, tuple]:
     def batch(n):
         return (torch.zeros(n, T, dtype=torch.long), torch.zeros(n, K, dtype=torch.long),
                 torch.zeros(n, K, dtype=torch.long), torch.ones(n, K), torch.zeros(n, dtype=torch.long))
@@ -286,6 +294,9 @@ def _example_inputs(q: int, b: int, T: int, K: int, total: int, n_eval: int, los
     if with_labels:
         inputs["evaluate"] = (ev[0], ev[1][:, :1].clone(), torch.zeros(q), scalar())
         inputs["features"] = (ev[0].clone(), ev[1][:, :1].clone(), torch.zeros(q), scalar())
+        n = ro.BATCH
+        inputs["readout_step"] = (torch.zeros(n, readout_rank), torch.zeros(n, labels), torch.zeros(n, dtype=torch.long),
+                                  torch.zeros(labels, readout_rank), torch.zeros(2, dtype=torch.long), scalar(), scalar())
     else:
         inputs["evaluate"] = (ev[0], ev[1], ev[2], ev[3], torch.zeros(q), scalar())
     inputs["forward_losses"] = batch(b)
@@ -320,6 +331,9 @@ METHOD_SIGNATURES = {
     "forward_losses": "(input_ids, target_pos, target_ids, target_mask, label as train_step) -> losses f32 (2q,)",
     "features": "(input_ids i64 (N,T), target_pos i64 (N,1), g f32 (q,), lr f32 (1,)) -> (scores f32 (N,L) before any "
                 "soft-cap, h f32 (N,H) the final hidden state at the answer position)",
+    "readout_step": "(f f32 (16,R) = A h of 16 cached rows, base f32 (16,L) their features scores, y i64 (16,) labels, "
+                    "b f32 (L,R), key i64 (2,) = [seed, readout step], eps f32 (1,), lr f32 (1,)) -> b f32 (L,R) after one "
+                    "zeroth-order step of the label readout (prge.zo.readout.step)",
 }
 
 
@@ -459,18 +473,25 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
         log(f"quantising the frozen base ({quantize}); train it with eps >= {QUANTIZED_MIN_EPS:g} (activation quantisation noise)")
         traced = _quantize(copy.deepcopy(model), quantize)
     core = StepProgram(traced, label_ids, q, loss, noise, ranks).eval()
-    inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels, ranks)
+    # the rank of the readout_step method's B: the recorded --readout where it is a rank, else the default
+    recorded = (run_defaults or {}).get("readout")
+    readout_rank = recorded if isinstance(recorded, int) and recorded > 0 else ro.DEFAULT_RANK
+    inputs = _example_inputs(q, batch_size, max_length, answer_slots, total, n_eval, loss, noise, with_labels, ranks,
+                             len(label_ids) if with_labels else 0, readout_rank)
     if ranks > 1 and "update" not in methods:
         methods = tuple(methods) + ("update",)
     readout = with_labels and loss == "class"  # the label readout's features (`prge.zo.readout`), on the device too
     if readout and "features" not in methods and set(METHODS) <= set(methods):
         methods = tuple(methods) + ("features",)
+    if readout and ranks == 1 and "features" in methods and "readout_step" not in methods:  # the C++ runner's readout
+        methods = tuple(methods) + ("readout_step",)
     eval_name = "evaluate_class" if with_labels else "evaluate_lm"
-    unknown = set(methods) - set(METHODS) - {"forward_losses", "update", "features"}
+    extra = ("forward_losses", "update", "features", "readout_step")
+    unknown = set(methods) - set(METHODS) - set(extra)
     if unknown:
-        raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + ('forward_losses', 'features')}")
-    if "features" in methods and not readout:
-        raise PrgeError("the features method reads the label words' logits", "export a classification task with --loss class")
+        raise PrgeError(f"unknown program methods {sorted(unknown)}", f"choose among {METHODS + extra}")
+    if ("features" in methods or "readout_step" in methods) and not readout:
+        raise PrgeError("the features and readout_step methods read the label words' logits", "export a classification task with --loss class")
     names = {m: (eval_name if m == "evaluate" else m) for m in methods}
     t0 = time.time()
     programs = {}
@@ -550,6 +571,8 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
     if "features" in names:  # what the device's label readout needs to write its PEFT adapter and logits
         manifest["readout"] = {"head": adapters.head_name(model), "hidden_size": int(model.get_output_embeddings().weight.shape[1]),
                                "softcap": getattr(model.config, "final_logit_softcapping", None)}
+        if "readout_step" in names:  # the shapes of the readout_step method (the C++ runner's readout)
+            manifest["readout"].update(rank=readout_rank, batch=ro.BATCH, eval_every=ro.EVAL_EVERY)
     assert {k: manifest[k] for k in IDENTITY} == {k: described[k] for k in IDENTITY}, "the program's identity drifted from its manifest"
     if noise == "engine":
         manifest["warning"] = ("noise 'engine' draws z with the runtime's unseeded randn: runs are NOT reproducible, "

@@ -3,7 +3,7 @@
 `prge/engine/native/` is `prge.engine.runtime.device_train` written in C++ against the ExecuTorch
 runtime that the `executorch` pip wheel ships (runtime + optimized kernels + XNNPACK, found with
 `find_package(executorch)` in `<executorch package>/share/cmake`; JSON with nlohmann-json): main.cpp
-(entry), loop.cpp (prge/run/loop.py's rules), program.cpp (loading and the program's
+(entry), loop.cpp (prge/run/loop.py's rules), readout.cpp (the label readout after the loop; SVD with Eigen), program.cpp (loading and the program's
 self-description), data.cpp (data file and plan), options.cpp, safetensors.cpp, sha256.cpp (OpenSSL SHA-256 checks), files.cpp, and
 weight_cache.cpp (XNNPACK's shared packed weights, also built as a library for the Python loop).
 This module:
@@ -16,7 +16,7 @@ This module:
                          the same run folder as `device_train`
 
 Plan file (safetensors; the wrapper writes it to a temporary folder): `indices` int32 (steps, b), row s-1 = the train-example indices of step s;
-`seed` int64 (1,). The binary refuses a plan for another seed, b or data size, or one shorter than
+`seed` int64 (1,); with the label readout, `readout_indices` int32 (readout steps × 16,), its rows (`readout.rows_order`). The binary refuses a plan for another seed, b or data size, or one shorter than
 --steps. The data file is `prge.engine.formats.write_dataset`'s; the program must have noise "counter".
 
 The binary writes, besides metrics.jsonl and checkpoints/{last,best}/{state.safetensors,
@@ -160,6 +160,10 @@ def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=N
             raise PrgeError("nlohmann/json.hpp not found", "install it (Debian: apt-get install nlohmann-json3-dev)")
         json_include.mkdir(parents=True, exist_ok=True)
         (json_include / "nlohmann").symlink_to(header)
+    # Eigen (header-only): its own folder, which holds nothing else
+    eigen = next((Path(d) for d in ("/usr/include/eigen3", "/usr/local/include/eigen3") if (Path(d) / "Eigen" / "SVD").is_file()), None)
+    if eigen is None:
+        raise PrgeError("Eigen's headers (eigen3/Eigen/SVD) not found", "install them (Debian: apt-get install libeigen3-dev)")
     ssl = _target_openssl(arch, root, log)
     h = hashlib.sha256(arch.encode() + et_version.encode() + repr(ssl).encode())
     for f in sorted(SOURCE_DIR.glob("*")):
@@ -172,7 +176,7 @@ def cross_build(arch: str = "aarch64", jobs: int = 2, force: bool = False, log=N
     t0 = time.time()
     for cmd in ([["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                   f"-DCMAKE_TOOLCHAIN_FILE={SOURCE_DIR / toolchain}", f"-Dexecutorch_DIR={package / 'share' / 'cmake'}",
-                  f"-DPRGE_JSON_INCLUDE={json_include}",
+                  f"-DPRGE_JSON_INCLUDE={json_include}", f"-DPRGE_EIGEN_INCLUDE={eigen}",
                   # the target's libcrypto, or none: the host's must never be picked up
                   *([f"-DPRGE_OPENSSL_INCLUDE={ssl[0]}", f"-DPRGE_OPENSSL_CRYPTO={ssl[1]}"] if ssl
                     else ["-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON"])],
@@ -292,13 +296,26 @@ def set_weight_cache(on: bool, log=None) -> bool:
     return True
 
 
-def write_plan(path: str | os.PathLike, n_train: int, batch_size: int, seed: int, steps: int) -> Path:
-    """The example indices of steps 1..steps (`batch.step_indices`), as the binary reads them."""
+def write_plan(path: str | os.PathLike, n_train: int, batch_size: int, seed: int, steps: int, readout_rows: int = 0,
+               readout_steps: int = 0) -> Path:
+    """The example indices of steps 1..steps (`batch.step_indices`), as the binary reads them, and with
+    `readout_steps` the label readout's rows (`readout.rows_order` over the first `readout_rows` rows)."""
+    from prge.zo import readout
+
     rows = [step_indices(n_train, batch_size, seed, s) for s in range(1, steps + 1)]
     idx = torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
-    io.save_tensors(path, {"indices": idx, "seed": torch.tensor([seed], dtype=torch.int64)},
-                    metadata={"format": "pt", "prge": json.dumps({"format": "prge-native-plan", "n_train": n_train})})
+    tensors = {"indices": idx, "seed": torch.tensor([seed], dtype=torch.int64)}
+    if readout_steps:
+        order = readout.rows_order(min(readout_rows, n_train), readout_steps * readout.BATCH, seed)
+        tensors["readout_indices"] = order.to(torch.int32)
+    io.save_tensors(path, tensors, metadata={"format": "pt", "prge": json.dumps({"format": "prge-native-plan", "n_train": n_train})})
     return Path(path)
+
+
+def native_readout(manifest: dict, rank: int) -> bool:
+    """Whether the binary fits the label readout itself: the program has `readout_step` for this rank
+    (programs exported before it, or for another rank, get the Python host step `runtime.fit_readout`)."""
+    return bool(rank) and "readout_step" in manifest.get("methods", {}) and manifest.get("readout", {}).get("rank") == rank
 
 
 def _b_to_adapter(folder: Path, manifest: dict, lora_a: dict) -> None:
@@ -316,9 +333,10 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  readout=None, log=None) -> dict:
     """`device.device_train` through the C++ binary; the same run folder, adapters and summary.
 
-    The label readout (`readout`, a `runtime.ReadoutSettings`; default `prge train`'s) is the host step
-    `runtime.fit_readout`, run here in Python through the runtime's Python API after the binary ends
-    (the C++ runner does not fit it: a device without Python runs with --readout 0)."""
+    The label readout (`readout`, a `runtime.ReadoutSettings`; default `prge train`'s) is fitted by the
+    binary after its steps (readout.cpp: the program's `features` and `readout_step` methods, the basis
+    with Eigen) and written into the best checkpoint's adapter here; a program without `readout_step`
+    for that rank gets the Python host step `runtime.fit_readout` after the binary ends instead."""
     from prge.engine.runtime import ReadoutSettings, check_readout_settings
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -356,13 +374,21 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
     # the plan goes to a temporary folder (it is cheap to rebuild and the same on resume), so a run the
     # binary refuses leaves nothing in out_dir
     tmp = tempfile.TemporaryDirectory(prefix="prge-plan-")
-    plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps)
+    in_binary = native_readout(manifest, readout_rank)
+    if readout_rank and not in_binary:
+        log(f"prge: {program_path} has no readout_step method for rank {readout_rank}; the label readout is fitted in Python "
+            "after the binary (export the program again with this prge for the binary to fit it)")
+    plan = write_plan(Path(tmp.name) / "plan.safetensors", n_train, manifest["batch_size"], seed, steps,
+                      readout.rows if in_binary else 0, readout.steps if in_binary else 0)
     cmd = list(launcher or []) + [str(exe), "--program", str(program_path), "--data", str(data_path), "--plan", str(plan), "--out", str(out_dir),
            "--steps", str(steps), "--lr", repr(float(lr)), "--eps", repr(float(eps)), "--seed", str(seed),
            "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every), "--lr-schedule", lr_schedule]
     cmd += ["--weight-cache", "on" if weight_cache else "off"]
     cmd += ["--normalize"] if normalize else []
     cmd += ["--resume"] if resume else []
+    if in_binary:
+        cmd += ["--readout", str(readout_rank), "--readout-steps", str(readout.steps), "--readout-lr", repr(float(readout.lr)),
+                "--readout-rows", str(readout.rows)]
     cmd += ["--stop-after", str(stop_after)] if stop_after else []
     env = dict(os.environ)
     if threads:
@@ -394,7 +420,10 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                    "best_step": info["best_step"], "adapter": str(out_dir / "adapter"),
                    "best_adapter": str(ckpts / "best" / "adapter"), "native": True, "step_seconds": info["step_seconds"],
                    "peak_rss_mb": info["peak_rss_mb"], "prge_version": prge.__version__}
-        if readout_rank:
+        if in_binary:
+            summary["readout"] = _readout_to_adapter(out_dir, ckpts / "best", manifest, lora_a, info["readout"])
+            summary["minutes"] += summary["readout"]["minutes"]
+        elif readout_rank:
             from prge.engine.runtime import Engine, fit_readout
             from prge.zo.schedule import lr_at
 
@@ -404,6 +433,20 @@ def native_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
             summary["minutes"] += summary["readout"]["minutes"]
         io.atomic_write_json(out_dir / "summary.json", summary)
         return summary
+
+
+def _readout_to_adapter(out_dir: Path, best: Path, manifest: dict, lora_a: dict, info: dict) -> dict:
+    """The binary's readout (readout.safetensors, native.json's "readout") into the best checkpoint's
+    adapter, as `runtime.fit_readout` writes it; returns the summary's "readout" entry."""
+    from prge.zo import readout
+
+    t = io.load_tensors(out_dir / "readout.safetensors")
+    r, h, k = info["rank"], info["hidden"], info["labels"]
+    ro = readout.Readout(t["a"].reshape(r, h), torch.tensor(manifest["label_ids"]), t["b"].reshape(k, r))
+    write_adapter(io.resolve_dir(best) / "adapter", manifest, lora_a, t["lora_b"], readout=ro)
+    fit = readout.Fit(ro, info["best_step"], info["dev_before"], info["dev_after"], info["rows"], info["seconds_features"],
+                      info["seconds_steps"])
+    return readout.summary_entry(fit, info["steps"], info["checkpoint_step"], info["dev_after_untrained"])
 
 
 def final_b_flat(out_dir: str | os.PathLike) -> torch.Tensor:

@@ -114,7 +114,7 @@ class Engine:
         return list(self.methods[method].execute(list(inputs)))
 
 
-LATER = ("features",)  # methods `Engine` loads only when asked (`Engine.load`)
+LATER = ("features", "readout_step")  # methods `Engine` loads only when asked (`Engine.load`); readout_step: the C++ runner's
 
 
 def scalar(x: float) -> torch.Tensor:
@@ -367,7 +367,7 @@ def fit_readout(engine: Engine, tensors: dict, lora_a: dict, best: Path, setting
     write_adapter(io.resolve_dir(best) / "adapter", m, lora_a, b, readout=fit.readout)
     log(f"label readout kept: dev {fit.dev_before:.4f} -> {fit.dev_after:.4f}; features {fit.seconds_features:.0f} s, "
         f"steps {steps_s:.1f} s")
-    return readout.summary_entry(fit, settings.steps, step, untrained)
+    return readout.summary_entry(fit, settings.steps, step, untrained.dev_after if untrained is not None else None)
 
 
 def check_readout_settings(settings: ReadoutSettings) -> None:

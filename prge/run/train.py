@@ -441,7 +441,7 @@ def fit_readout(s: Setup, best: Path) -> dict:
             fit, step = untrained, 0
         fit = dataclasses.replace(fit, **both)
     readout.attach(s.model, fit.readout)
-    s.readout_summary = readout.summary_entry(fit, c.readout_steps, step, untrained)
+    s.readout_summary = readout.summary_entry(fit, c.readout_steps, step, untrained.dev_after if untrained is not None else None)
     if have:
         save_checkpoint(s, best, step, state, None)
     return s.evaluate(s.test)

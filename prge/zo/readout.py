@@ -104,12 +104,20 @@ def features(model: nn.Module, items: list[Encoded], pad_id: int, batch_size: in
 
 
 def basis(feats: torch.Tensor, rank: int) -> torch.Tensor:
-    """(r, H): the top-r right singular vectors of the uncentred features, each scaled by 1/rms of its
-    coordinate, so that the readout's inputs A h have identity second moment over these rows."""
+    """(rank, H): the top-r right singular vectors of the uncentred features, each scaled by 1/rms of its
+    coordinate, so that the readout's inputs A h have identity second moment over these rows; rows past
+    the features' numerical rank r are zero (so B is (K, rank) whatever the data, as the exported
+    `readout_step` method takes it). Each vector's sign makes its largest-magnitude entry positive (the
+    first such entry on a tie): an SVD's signs are arbitrary, and the C++ runner's SVD (Eigen) must draw
+    the same basis as this one (MKL/LAPACK) for the runs to follow one trajectory."""
     u, s, v = torch.linalg.svd(feats.double(), full_matrices=False)
-    r = min(rank, int((s > s[0] * 1e-6).sum()))
+    r = min(rank, int((s > s[0] * 1e-6).sum())) if len(s) else 0
+    v = v[:r]
+    v = v * torch.where(v.gather(1, v.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0).to(v.dtype)
     rms = s[:r] / max(len(feats), 1) ** 0.5
-    return (v[:r] / rms[:, None]).float()
+    out = torch.zeros(rank, feats.shape[1])
+    out[:r] = (v / rms[:, None]).float()
+    return out
 
 
 def rows_order(n: int, count: int, seed: int) -> torch.Tensor:
@@ -158,12 +166,32 @@ def keep_untrained(on_best: Fit, on_untrained: Fit | None) -> bool:
     return on_untrained is not None and on_untrained.dev_after > on_best.dev_after
 
 
-def summary_entry(fit: Fit, steps: int, checkpoint_step: int, untrained: Fit | None) -> dict:
-    """summary.json's "readout" entry, one writer for `prge train` and `prge device-train`."""
+def summary_entry(fit: Fit, steps: int, checkpoint_step: int, dev_after_untrained: float | None) -> dict:
+    """summary.json's "readout" entry, one writer for `prge train` and `prge device-train` (both loops)."""
     return {"rank": fit.readout.rank, "rows": fit.rows, "dev_before": fit.dev_before, "dev_after": fit.dev_after,
             "best_step": fit.best_step, "steps": steps, "checkpoint_step": checkpoint_step,
-            "dev_after_untrained": untrained.dev_after if untrained is not None else None,
+            "dev_after_untrained": dev_after_untrained,
             "minutes": (fit.seconds_features + fit.seconds_steps) / 60}
+
+
+def logits(base: torch.Tensor, f: torch.Tensor, bs: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """(C, n, K) label-word logits of rows with head logits `base` (n, K) and readout inputs f = A h (n, r)
+    under C readouts `bs` (C, K, r), soft-capped as the head is (`cap`: Gemma's final logit soft-cap)."""
+    x = base + torch.einsum("nr,ckr->cnk", f, bs)
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def step(b: torch.Tensor, f: torch.Tensor, base: torch.Tensor, y: torch.Tensor, key: torch.Tensor, q: int, eps, lr,
+         cap: float | None) -> torch.Tensor:
+    """One readout step on a batch of cached rows (f = A h (n, r), head logits `base` (n, K), labels y (n,)):
+    q queries of counter noise for step `key` = [seed, t] (stream `STREAM`), the 2q losses at B ± εz in
+    one product, g, and the update (`prge.zo.estimator`). Returns the new B (K, r). `fit_features` calls
+    it, and it is the exported program's `readout_step` method, which the C++ runner calls."""
+    z = est.counter_normal_streams(key, [est.stream(STREAM, i) for i in range(q)], b.numel()).reshape(q, *b.shape)
+    x = logits(base, f, est.perturbed(b, z, eps, "+-"), cap)  # (2q, n, K)
+    losses = est.cross_entropy(x, y.expand(2 * q, -1)).mean(1)
+    g = est.projected_grad(losses[:q], losses[q:], eps)
+    return est.update(b, z, g, lr)
 
 
 @dataclass
@@ -189,12 +217,8 @@ def fit_features(train: Features, dev: Features, label_ids: torch.Tensor, *, ran
     k = len(label_ids)
     b = torch.zeros(k, a.shape[0], device=a.device)
 
-    def logits(base: torch.Tensor, f: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:  # bs: (C, K, r)
-        x = base + torch.einsum("nr,ckr->cnk", f, bs)
-        return torch.tanh(x / cap) * cap if cap else x
-
     def dev_acc(bb: torch.Tensor) -> float:
-        return float((logits(base_dv, f_dv, bb[None])[0].argmax(-1) == y_dv).float().mean())
+        return float((logits(base_dv, f_dv, bb[None], cap)[0].argmax(-1) == y_dv).float().mean())
 
     before = best = dev_acc(b)
     best_b, best_step = b.clone(), 0
@@ -205,11 +229,7 @@ def fit_features(train: Features, dev: Features, label_ids: torch.Tensor, *, ran
         for t in range(1, steps + 1):
             idx = order[(t - 1) * batch_size:t * batch_size]
             key = torch.tensor([seed, t], dtype=torch.int64, device=a.device)
-            z = est.counter_normal_streams(key, [est.stream(STREAM, i) for i in range(q)], b.numel()).reshape(q, *b.shape)
-            x = logits(base_tr[idx], f_tr[idx], est.perturbed(b, z, eps, "+-"))  # (2q, b, K)
-            losses = est.cross_entropy(x, y_tr[idx].expand(2 * q, -1)).mean(1)
-            g = est.projected_grad(losses[:q], losses[q:], eps)
-            b = est.update(b, z, g, lr)
+            b = step(b, f_tr[idx], base_tr[idx], y_tr[idx], key, q, eps, lr, cap)
             if t % eval_every == 0 or t == steps:
                 acc = dev_acc(b)
                 if acc > best:

@@ -94,6 +94,17 @@ std::vector<int64_t> read_plan(const std::string& path, long long seed, long ste
   return plan;
 }
 
+std::vector<int64_t> read_readout_order(const std::string& path, int64_t count, int64_t n_rows) {
+  SafetensorsFile f = read_safetensors(path, "plan file");
+  if (!f.find("readout_indices")) fail(path + " has no readout_indices (write the plan with the readout settings)");
+  auto order = f.ints("readout_indices");
+  if (int64_t(order.size()) < count)
+    fail(path + " holds " + std::to_string(order.size()) + " readout rows, fewer than --readout-steps x 16 = " + std::to_string(count));
+  for (auto v : order)
+    if (v < 0 || v >= n_rows) fail(path + ": a readout row outside the first --readout-rows training rows (a plan for other settings)");
+  return order;
+}
+
 Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t K) {
   Rows r;
   for (int64_t i : idx) {

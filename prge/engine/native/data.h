@@ -32,6 +32,9 @@ Data read_data(const std::string& path, const Description& program);
 // The example indices of steps 1..steps, (steps, b) row-major; refuses a plan for another seed, b or data.
 std::vector<int64_t> read_plan(const std::string& path, long long seed, long steps, int64_t b, int64_t n_train);
 
+// the plan's readout_indices: `count` row indices into the first `n_rows` training rows (prge.zo.readout.rows_order)
+std::vector<int64_t> read_readout_order(const std::string& path, int64_t count, int64_t n_rows);
+
 Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t K);
 
 }  // namespace prge

@@ -20,6 +20,25 @@ namespace {
 
 std::vector<float> scalar(double x) { return {float(x)}; }
 
+struct Saved {  // a checkpoint folder's trainer_state.json and state.safetensors
+  json state;
+  long step;
+  std::vector<float> raw, g;
+};
+
+Saved load_saved(const std::string& folder) {
+  std::string path = folder + "/trainer_state.json";
+  Saved s;
+  s.state = json::parse(read_file(path, "checkpoint state"), nullptr, false);
+  if (s.state.is_discarded() || !s.state.is_object() || !s.state.contains("step") || !s.state["step"].is_number_integer())
+    fail(path + " is damaged (delete the checkpoint folder and start again, or restore it)");
+  s.step = s.state["step"].get<long>();
+  SafetensorsFile f = read_safetensors(folder + "/state.safetensors", "checkpoint");
+  s.raw = f.floats("raw");
+  s.g = f.floats("g");
+  return s;  // the file's bytes are freed here, before write_raw touches the arena
+}
+
 json eval_row(long step, int64_t n, double accuracy, double loss, const std::vector<double>& share) {
   json row = {{"step", step}, {"split", "dev"}, {"accuracy", accuracy}, {"loss", loss}, {"n", n}};
   if (!share.empty()) row["label_share"] = share;
@@ -48,6 +67,17 @@ Loop::Loop(const Options& o)
     for (const Split* s : {&data_.train, &data_.dev})
       for (auto v : s->label)
         if (v < 0 || v >= n_labels_) fail(o_.data + ": class labels outside the program's label words");
+  }
+  if (o_.readout.rank > 0) {
+    if (!prog_.has("features") || !prog_.has("readout_step"))
+      throw Fail("--readout " + std::to_string(o_.readout.rank) + " needs the program's features and readout_step methods, which " + o_.program +
+                 " lacks: export it again with this prge (a classification task, --loss class), or pass --readout 0", 2);
+    auto in = prog_.input_shapes("readout_step");
+    if (in.at(0).at(1) != o_.readout.rank)
+      throw Fail("--readout " + std::to_string(o_.readout.rank) + ", but the program's readout_step is exported for rank " +
+                 std::to_string(in[0][1]) + ": pass --readout " + std::to_string(in[0][1]) + ", or export with --readout " +
+                 std::to_string(o_.readout.rank), 2);
+    readout_order_ = read_readout_order(o_.plan, o_.readout.steps * in[0][0], std::min<int64_t>(o_.readout.rows, data_.train.n));
   }
   rss_loaded_ = rss_mb();
   parts_loaded_ = rss_parts(o_.program);
@@ -160,21 +190,15 @@ void Loop::save_checkpoint(const std::string& folder, long step) {
 long Loop::resume(const std::string& ckpts) {
   std::string last = ckpts + "/last";
   if (!exists(last) && is_dir(last + ".old")) last += ".old";
-  std::string path = last + "/trainer_state.json";
-  json st = json::parse(read_file(path, "checkpoint state"), nullptr, false);
-  if (st.is_discarded() || !st.is_object() || !st.contains("step") || !st["step"].is_number_integer())
-    fail(path + " is damaged (delete the checkpoint folder and start again, or restore it)");
+  Saved saved = load_saved(last);
+  const json& st = saved.state;
   if (st.contains("seed") && st["seed"].is_number_integer() && st["seed"].get<long long>() != o_.seed)
     fail("the checkpoint was trained with seed " + st["seed"].dump() + ", not " + std::to_string(o_.seed) + " (resume with --seed " +
          st["seed"].dump() + ")");
   if (st.contains("program_sha256") && st["program_sha256"].is_string() && !d_.sha256.empty() && st["program_sha256"] != d_.sha256)
     fail("the checkpoint in " + last + " was written by another program (resume with the program that wrote it)");
-  std::vector<float> raw;
-  {  // the file's bytes are freed before write_raw touches the arena
-    SafetensorsFile f = read_safetensors(last + "/state.safetensors", "checkpoint");
-    raw = f.floats("raw");
-    g_ = f.floats("g");
-  }
+  std::vector<float>& raw = saved.raw;
+  g_ = saved.g;
   auto raw_shape = prog_.output_shape("read_raw", 0);
   if (raw_shape.size() != 1 || int64_t(raw.size()) != raw_shape[0] || int64_t(g_.size()) != d_.q)
     fail(last + "/state.safetensors does not hold this program's state (resume with the program that wrote it)");
@@ -191,7 +215,7 @@ long Loop::resume(const std::string& ckpts) {
   number("before_loss", before_loss_);
   number("seconds", seconds_);
   prog_.run("write_raw", {f32_tensor(raw, {int32_t(raw.size())})});
-  long start = st["step"].get<long>();
+  long start = saved.step;
   // drop the metrics rows after the checkpoint (and a line torn by a kill), as io.truncate_metrics
   std::string metrics = o_.out + "/metrics.jsonl";
   if (exists(metrics)) {
@@ -290,9 +314,69 @@ void Loop::finish(long start, long end, double step_time, long timed, double las
   auto lr = scalar(lr_at(o_, end));  // g is step end's
   auto b = prog_.run("read_state", {f32_tensor(g_, {int32_t(d_.q)}), f32_tensor(lr, {1})}).at(0);
   write_safetensors(o_.out + "/final_b.safetensors", {{"b", b}, {"g", g_}});
-  atomic_write(o_.out + "/native.json", info.dump(2) + "\n");
   fprintf(stderr, "native training done: %ld steps in %.1f s (%.4f s/step, peak RSS %.0f MB)\n", o_.steps, seconds_,
           timed ? step_time / double(timed) : 0.0, rss);
+  if (o_.readout.rank > 0) info["readout"] = readout(o_.out + "/checkpoints");
+  atomic_write(o_.out + "/native.json", info.dump(2) + "\n");
+}
+
+// prge.engine.runtime.fit_readout: the readout on the best checkpoint and, where that is past step 0, on the
+// untrained state too (loading the readout's methods leaves the program in it); the better on dev is kept
+// (prge.zo.readout.keep_untrained). Writes readout.safetensors {a (R*H,), b (L*R,), lora_b (total,)}: the
+// readout's A and B, row-major, and the LoRA B of the state it was fitted on (zero where the untrained won).
+json Loop::readout(const std::string& ckpts) {
+  double t0 = now();
+  std::string best_dir = ckpts + "/best";
+  if (!exists(best_dir) && is_dir(best_dir + ".old")) best_dir += ".old";
+  Saved best = load_saved(best_dir);
+  if (int64_t(best.g.size()) != d_.q) fail(best_dir + "/state.safetensors does not hold this program's state");
+  prog_.load("features");  // both before the state is written: loading a method re-initialises it
+  prog_.load("readout_step");
+  const ReadoutSettings& s = o_.readout;
+  double softcap = 0;
+  if (d_.manifest.is_object() && d_.manifest.contains("readout") && d_.manifest["readout"].is_object()) {
+    const json& r = d_.manifest["readout"];
+    if (r.contains("softcap") && r["softcap"].is_number()) softcap = r["softcap"].get<double>();
+  }
+  int32_t q32 = int32_t(d_.q);
+  auto fit_here = [&](std::vector<float>& g, double lr, const std::string& where) {
+    ReadoutRows tr = readout_rows(prog_, data_.train, s.rows, g, lr);
+    ReadoutRows dv = data_.dev.n ? readout_rows(prog_, data_.dev, data_.dev.n, g, lr) : tr;
+    ReadoutFit f = fit_readout_rows(prog_, tr, dv, readout_order_, s, o_.seed, o_.eps, softcap);
+    fprintf(stderr, "label readout (rank %lld) on %s: dev %.4f -> %.4f (best of %ld steps at step %ld)\n", (long long)f.rank,
+            where.c_str(), f.dev_before, f.dev_after, s.steps, f.best_step);
+    return f;
+  };
+  ReadoutFit untrained;
+  bool has_untrained = best.step > 0;
+  std::vector<float> b0;
+  if (has_untrained) {
+    std::vector<float> g0(size_t(d_.q), 0.0f), lr0 = scalar(0.0);
+    b0 = prog_.run("read_state", {f32_tensor(g0, {q32}), f32_tensor(lr0, {1})}).at(0);
+    untrained = fit_here(g0, 0.0, "the untrained state");
+  }
+  prog_.run("write_raw", {f32_tensor(best.raw, {int32_t(best.raw.size())})});
+  double lr_b = lr_at(o_, best.step);
+  ReadoutFit fit = fit_here(best.g, lr_b, "the best checkpoint (step " + std::to_string(best.step) + ")");
+  auto lr1 = scalar(lr_b);
+  std::vector<float> b = prog_.run("read_state", {f32_tensor(best.g, {q32}), f32_tensor(lr1, {1})}).at(0);
+  long step = best.step;
+  double steps_s = fit.seconds_steps + (has_untrained ? untrained.seconds_steps : 0.0);
+  if (has_untrained && untrained.dev_after > fit.dev_after) {
+    fprintf(stderr, "keeping the readout on the untrained state (dev %.4f > %.4f): the best checkpoint's adapter gets B = 0\n",
+            untrained.dev_after, fit.dev_after);
+    fit = untrained;
+    b = b0;
+    step = 0;
+  }
+  write_safetensors(o_.out + "/readout.safetensors", {{"a", fit.a}, {"b", fit.b}, {"lora_b", b}});
+  double seconds = now() - t0;
+  fprintf(stderr, "label readout kept: dev %.4f -> %.4f; features %.0f s, steps %.1f s\n", fit.dev_before, fit.dev_after,
+          seconds - steps_s, steps_s);
+  return json{{"rank", fit.rank}, {"hidden", fit.hidden}, {"labels", fit.labels}, {"rows", fit.rows}, {"dev_before", fit.dev_before},
+              {"dev_after", fit.dev_after}, {"best_step", fit.best_step}, {"steps", s.steps}, {"checkpoint_step", step},
+              {"dev_after_untrained", has_untrained ? json(untrained.dev_after) : json(nullptr)},
+              {"seconds_features", seconds - steps_s}, {"seconds_steps", steps_s}, {"peak_rss_mb", peak_rss_mb()}};
 }
 
 }  // namespace prge

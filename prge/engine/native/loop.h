@@ -3,6 +3,8 @@
 // prge.zo.estimator.projected_grad.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <string>
 #include <vector>
 
@@ -10,6 +12,7 @@
 #include "files.h"
 #include "options.h"
 #include "program.h"
+#include "readout.h"
 
 namespace prge {
 
@@ -28,6 +31,7 @@ class Loop {
   double step(long step);      // one train_step; returns the mean loss and sets g
   void save_checkpoint(const std::string& folder, long step);
   long resume(const std::string& ckpts);
+  nlohmann::ordered_json readout(const std::string& ckpts);  // the label readout on checkpoints/best (readout.h)
   void finish(long start, long end, double step_time, long timed, double last_acc);
 
   Options o_;
@@ -40,6 +44,7 @@ class Loop {
   bool classify_ = true;
   int64_t n_labels_ = 0;
   std::vector<float> g_;  // the last step's q projected gradients
+  std::vector<int64_t> readout_order_;  // the plan's readout_indices (--readout R > 0)
   // loop state (LOOP_STATE of prge/run/loop.py)
   double best_acc_ = -1, before_ = 0, before_loss_ = 0, seconds_ = 0;
   long best_step_ = 0;

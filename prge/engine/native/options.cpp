@@ -13,7 +13,8 @@ namespace prge {
 const char* const USAGE =
     "usage: prge-native-train --program X.pte --data D.safetensors --plan P.safetensors --out DIR\n"
     "                         --steps N --lr LR --eps EPS [--seed S] [--eval-every E] [--checkpoint-every C] [--normalize]\n"
-    "                         [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K] [--weight-cache on|off]\n";
+    "                         [--lr-schedule constant|linear|cosine] [--resume] [--stop-after K] [--weight-cache on|off]\n"
+    "                         [--readout R --readout-steps S --readout-lr LR --readout-rows N]\n";
 
 Options parse_args(int argc, char** argv) {
   Options o;
@@ -37,6 +38,10 @@ Options parse_args(int argc, char** argv) {
       else if (a == "--eval-every") o.eval_every = std::stol(value(i, a));
       else if (a == "--checkpoint-every") o.checkpoint_every = std::stol(value(i, a));
       else if (a == "--stop-after") o.stop_after = std::stol(value(i, a));
+      else if (a == "--readout") o.readout.rank = std::stol(value(i, a));
+      else if (a == "--readout-steps") o.readout.steps = std::stol(value(i, a));
+      else if (a == "--readout-lr") o.readout.lr = std::stod(value(i, a));
+      else if (a == "--readout-rows") o.readout.rows = std::stol(value(i, a));
       else if (a == "--normalize") o.normalize = true;
       else if (a == "--resume") o.resume = true;
       else if (a == "--weight-cache") {
@@ -62,6 +67,9 @@ Options parse_args(int argc, char** argv) {
     throw Fail("--program, --data, --plan, --out, --steps, --lr and --eps are required", 2);
   if (!(o.eps > 0) || o.eval_every < 0 || o.checkpoint_every < 0 || o.stop_after < 0)
     throw Fail("bad loop settings: pass --eps > 0, --eval-every >= 0, --checkpoint-every >= 0, --stop-after >= 0", 2);
+  const ReadoutSettings& r = o.readout;
+  if (r.rank < 0 || (r.rank > 0 && (r.steps < 0 || r.rows < 1 || !(r.lr > 0) || !std::isfinite(r.lr))))
+    throw Fail("bad readout settings: pass --readout R >= 0 and, with R > 0, --readout-steps >= 0, --readout-rows >= 1, --readout-lr > 0", 2);
   if (o.lr_schedule != "constant" && o.lr_schedule != "linear" && o.lr_schedule != "cosine")
     throw Fail("unknown --lr-schedule " + o.lr_schedule + " (constant, linear or cosine)", 2);
   return o;

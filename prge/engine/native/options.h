@@ -5,6 +5,11 @@
 
 namespace prge {
 
+struct ReadoutSettings {  // --readout R (0: off), --readout-steps, --readout-lr, --readout-rows (readout.h)
+  long rank = 0, steps = 0, rows = 0;
+  double lr = 0;
+};
+
 struct Options {
   std::string program, data, plan, out;
   long steps = -1, eval_every = 50, checkpoint_every = 25, stop_after = 0;
@@ -13,6 +18,7 @@ struct Options {
   long long seed = 0;
   bool normalize = false, resume = false;
   bool weight_cache = true;  // share XNNPACK's packed weights across the program's methods
+  ReadoutSettings readout;   // the label readout after the loop (rank 0: none)
 };
 
 extern const char* const USAGE;

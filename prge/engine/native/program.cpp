@@ -97,6 +97,12 @@ Program::Program(const std::string& path, bool weight_cache) : path_(path) {
     if (module_->load_method(m) != Error::Ok) fail("the runtime cannot load method " + std::string(m) + " of " + path);
 }
 
+bool Program::has(const std::string& method) const { return module_->method_meta(method).ok(); }
+
+void Program::load(const std::string& method) {
+  if (module_->load_method(method) != Error::Ok) fail("the runtime cannot load method " + method + " of " + path_);
+}
+
 EValue Program::constant(const std::string& method) {
   auto out = module_->execute(method);
   if (!out.ok() || out->size() != 1) fail(path_ + ": its constant method " + method + " cannot be run (re-export the program)");

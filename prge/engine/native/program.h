@@ -38,6 +38,10 @@ class Program {
   Program(const std::string& path, bool weight_cache);
 
   const Description& description() const { return desc_; }
+  bool has(const std::string& method) const;
+  // load a method the loop does not call (the label readout's): it re-initialises the program's shared
+  // state, as loading any method after the first call does, so the caller writes the state after it
+  void load(const std::string& method);
   std::vector<std::vector<int64_t>> input_shapes(const std::string& method);
   std::vector<int64_t> output_shape(const std::string& method, size_t i);
   // run a method; every output copied out as float32 (outputs alias the shared arenas)
