@@ -115,7 +115,7 @@ def basis(feats: torch.Tensor, rank: int) -> torch.Tensor:
     v = v[:r]
     v = v * torch.where(v.gather(1, v.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0).to(v.dtype)
     rms = s[:r] / max(len(feats), 1) ** 0.5
-    out = torch.zeros(rank, feats.shape[1])
+    out = torch.zeros(rank, feats.shape[1], device=feats.device)
     out[:r] = (v / rms[:, None]).float()
     return out
 
