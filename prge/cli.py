@@ -368,12 +368,14 @@ def parser() -> argparse.ArgumentParser:
                         "(less memory, same results; also for --native); default: on")
     d.add_argument("--native", action="store_true",
                    help="run the C++ trainer (native/, built with cmake against the executorch wheel's runtime on first use) "
-                        "instead of the Python loop: same steps, losses, checkpoints and adapter (the label readout, "
-                        "a host step, still runs in Python after it)")
+                        "instead of the Python loop: same steps, losses, checkpoints and adapter; it fits the label readout "
+                        "itself with the program's readout_step method (a program exported without it: in Python "
+                        "after the binary)")
     d.add_argument("--readout", type=int,
-                   help="rank of the label readout fitted after the steps on the best checkpoint, as prge train fits it "
-                        "(the program's features method gives the hidden states, the host trains it in seconds; it is "
-                        "written into OUT/checkpoints/best/adapter); 0: off; " + run_help.format("64 for classification programs"))
+                   help="rank of the label readout fitted after the steps, as prge train fits it, on the untrained model "
+                        "and on the best checkpoint, the better on dev kept (the program's features method gives the "
+                        "hidden states; its readout_step method, or the host for a program without it, trains it in "
+                        "seconds; it is written into OUT/checkpoints/best/adapter); 0: off; " + run_help.format("64 for classification programs"))
     d.add_argument("--readout-steps", type=int, help="the readout's zeroth-order steps; " + run_help.format(train_defaults.readout_steps))
     d.add_argument("--readout-lr", type=float, help="the readout's learning rate; " + run_help.format(train_defaults.readout_lr))
     d.add_argument("--readout-rows", type=int, help="training rows the readout reads; " + run_help.format(train_defaults.readout_rows))

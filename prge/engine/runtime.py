@@ -403,8 +403,9 @@ def device_train(program_path: str | os.PathLike, data_path: str | os.PathLike, 
                  readout: ReadoutSettings | None = None, log=say) -> dict:
     """Train with the exported program; returns the summary (also written to out_dir/summary.json).
 
-    After the last step the label readout (`readout`, default: `prge train`'s) is fitted on the best
-    checkpoint as a host step (`fit_readout`) and written into that checkpoint's adapter.
+    After the last step the label readout (`readout`, default: `prge train`'s) is fitted as a host step
+    (`fit_readout`) on the untrained model and on the best checkpoint, the better on dev written into
+    that checkpoint's adapter (`readout.keep_untrained`).
     `normalize` divides each loss difference by the spread of the step's 2q losses instead of by 2ε
     (`estimator.projected_grad`; host-side, the program is the same). `lr_schedule` (`prge.zo.schedule.lr_at`)
     decays the lr over `steps`. `stop_after` ends early after that step with a checkpoint (tests use

@@ -1,5 +1,7 @@
 #include "data.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "files.h"
@@ -115,6 +117,17 @@ Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t 
     r.label.push_back(s.label[size_t(i)]);
   }
   return r;
+}
+
+Batch in_order_batch(const Split& s, int64_t start, int64_t n, int64_t N, int64_t T, int64_t K) {
+  Batch b;
+  b.k = std::min(N, n - start);
+  std::vector<int64_t> idx;
+  for (int64_t i = 0; i < N; ++i) idx.push_back(i < b.k ? start + i : start);
+  b.rows = gather(s, idx, T, K);
+  b.pos1.resize(size_t(N));
+  for (int64_t i = 0; i < N; ++i) b.pos1[size_t(i)] = b.rows.pos[size_t(i * K)];
+  return b;
 }
 
 }  // namespace prge

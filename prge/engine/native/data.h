@@ -37,4 +37,14 @@ std::vector<int64_t> read_readout_order(const std::string& path, int64_t count, 
 
 Rows gather(const Split& s, const std::vector<int64_t>& idx, int64_t T, int64_t K);
 
+struct Batch {  // one static batch of an in-order pass over a split (evaluation, the readout's hidden states)
+  Rows rows;
+  std::vector<int64_t> pos1;  // each row's first target position: a classification program's (N, 1) input
+  int64_t k = 0;              // the real rows; the rest of the N repeat the first
+};
+
+// Rows start .. start+N-1 of the first n rows, as the program's static batch of N: a last batch short of N
+// is filled with a repeat of its first row, whose results the caller drops (it reads the first k).
+Batch in_order_batch(const Split& s, int64_t start, int64_t n, int64_t N, int64_t T, int64_t K);
+
 }  // namespace prge

@@ -91,14 +91,11 @@ Loop::Eval Loop::evaluate(long g_step) {
   auto lr = scalar(lr_at(o_, g_step));
   int32_t n32 = int32_t(N), t32 = int32_t(T), k32 = int32_t(K), q32 = int32_t(d_.q);
   for (int64_t start = 0; start < dev.n; start += N) {
-    int64_t k = std::min(N, dev.n - start);
-    std::vector<int64_t> idx;
-    for (int64_t i = 0; i < N; ++i) idx.push_back(i < k ? start + i : start);  // static batch: fill with a repeat
-    Rows r = gather(dev, idx, T, K);
+    Batch b = in_order_batch(dev, start, dev.n, N, T, K);
+    const int64_t k = b.k;
+    Rows& r = b.rows;
     if (classify_) {
-      std::vector<int64_t> pos1(static_cast<size_t>(N));
-      for (int64_t i = 0; i < N; ++i) pos1[size_t(i)] = r.pos[size_t(i * K)];
-      auto out = prog_.run("evaluate", {i64_tensor(r.ids, {n32, t32}), i64_tensor(pos1, {n32, 1}), f32_tensor(g_, {q32}),
+      auto out = prog_.run("evaluate", {i64_tensor(r.ids, {n32, t32}), i64_tensor(b.pos1, {n32, 1}), f32_tensor(g_, {q32}),
                                         f32_tensor(lr, {1})});
       const auto& scores = out.at(0);
       for (int64_t i = 0; i < k; ++i) {

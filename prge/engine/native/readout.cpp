@@ -19,16 +19,11 @@ ReadoutRows readout_rows(Program& p, const Split& s, int64_t rows, std::vector<f
   std::vector<float> lr1 = {float(lr)};
   int32_t n32 = int32_t(N), t32 = int32_t(T), q32 = int32_t(d.q);
   for (int64_t start = 0; start < n; start += N) {
-    int64_t k = std::min(N, n - start);
-    std::vector<int64_t> idx;
-    for (int64_t i = 0; i < N; ++i) idx.push_back(i < k ? start + i : start);  // static batch: fill with a repeat
-    Rows r = gather(s, idx, T, K);
-    std::vector<int64_t> pos1(static_cast<size_t>(N));
-    for (int64_t i = 0; i < N; ++i) pos1[size_t(i)] = r.pos[size_t(i * K)];
-    auto res = p.run("features", {i64_tensor(r.ids, {n32, t32}), i64_tensor(pos1, {n32, 1}), f32_tensor(g, {q32}), f32_tensor(lr1, {1})});
-    out.base.insert(out.base.end(), res.at(0).begin(), res.at(0).begin() + k * out.labels);
-    out.h.insert(out.h.end(), res.at(1).begin(), res.at(1).begin() + k * out.hidden);
-    out.y.insert(out.y.end(), r.label.begin(), r.label.begin() + k);
+    Batch b = in_order_batch(s, start, n, N, T, K);
+    auto res = p.run("features", {i64_tensor(b.rows.ids, {n32, t32}), i64_tensor(b.pos1, {n32, 1}), f32_tensor(g, {q32}), f32_tensor(lr1, {1})});
+    out.base.insert(out.base.end(), res.at(0).begin(), res.at(0).begin() + b.k * out.labels);
+    out.h.insert(out.h.end(), res.at(1).begin(), res.at(1).begin() + b.k * out.hidden);
+    out.y.insert(out.y.end(), b.rows.label.begin(), b.rows.label.begin() + b.k);
   }
   return out;
 }
