@@ -4,6 +4,8 @@
     python benchmarks/quantized.py eps    [--eps 1e-3 1e-2 3e-2] [--batches 6]
     python benchmarks/quantized.py eps-eager [--eps ...] [--batches 6]
     python benchmarks/quantized.py train  [--seeds 0 1] [--steps 300] [--native]
+    python benchmarks/quantized.py zero-shot-eager [--quantize none 8da8w 8da4w 8da4w-affine]
+    python benchmarks/quantized.py train-eager [--quantize none 8da4w 8da4w-affine] [--seeds 0 1] [--steps 300]
     (common: --dir ~/.cache/prge/bench/quantized --threads 1 --q 4 --batch-size 4 --max-length 64 --n-dev 200
      --template 'Review: {sentence}\\nSentiment:')
 
@@ -18,6 +20,12 @@ train:  `prge device-train` (Python loop) per program and seed, resumable (rerun
         after a kill); step time is the mean per-step "seconds" of metrics.jsonl after 2 warm-up
         steps, tokens/s counts the 2q·b·T token positions a step runs, accuracy is the dev
         accuracy after the last step.
+zero-shot-eager: the untrained model's dev and test accuracy with its base quantised as `prge export
+        --quantize` quantises it (`prge.engine.export._quantize`), in eager PyTorch with torchao's
+        reference kernels (within ~3e-3 of XNNPACK's outputs per linear): minutes, no export.
+        `8da4w-affine` is 8da4w with max-abs group scales, what `prge export` used before HQQ's.
+train-eager: `prge train` (the eager trainer, no readout) on that quantised base, per variant and
+        seed, resumable: the accuracy question of `train` without the hour of export per program.
 
 Every row is appended to benchmarks/results/quantized.jsonl with the machine and date.
 """
@@ -25,6 +33,7 @@ Every row is appended to benchmarks/results/quantized.jsonl with the machine and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -159,7 +168,6 @@ def cmd_eps_eager(a) -> None:
 
     from prge.config import TrainConfig
     from prge.data.batch import collate, step_indices
-    from prge.engine.export import _quantize
     from prge.run.train import prepare
     from prge.zo import estimator as est
     from prge.zo.loss import copy_losses
@@ -170,7 +178,7 @@ def cmd_eps_eager(a) -> None:
     cfg = TrainConfig(model=a.model, task="sst2", template=a.template, q=a.q, batch_size=a.batch_size,
                       max_length=a.max_length, n_dev=a.n_dev, threads=a.threads, progress=False)
     s = prepare(cfg)
-    models = {quant: s.model if quant == "none" else _quantize(copy.deepcopy(s.model), quant) for quant in a.quantize}
+    models = {quant: s.model if quant == "none" else quantizer(quant)(copy.deepcopy(s.model)) for quant in a.quantize}
     q = a.q
     losses = {}
     for eps in a.eps:
@@ -184,6 +192,60 @@ def cmd_eps_eager(a) -> None:
                     losses[quant, eps, k] = perturbed_losses(
                         model, params, zs, lambda b, c, m=model: copy_losses(m, b, c, s.label_ids, "class"), batch, eps).double()
         summarise_eps(a, losses, q, "eager-torchao", [eps])  # rows as each eps finishes
+
+
+def quantizer(variant: str):
+    """The in-place base change for a --quantize value: none, 8da8w, 8da4w, or 8da4w-affine."""
+    from prge.engine.export import _quantize
+
+    if variant == "none":
+        return lambda model: model
+    mode, _, qparams = variant.partition("-")
+    return lambda model: _quantize(model, mode, **({"int4_qparams": qparams} if qparams else {}))
+
+
+def eager_config(a, **kw):
+    from prge.config import TrainConfig
+
+    return TrainConfig(model=a.model, task="sst2", template=a.template, q=a.q, batch_size=a.batch_size,
+                       max_length=a.max_length, n_dev=a.n_dev, threads=a.threads, progress=False, readout=0, **kw)
+
+
+def cmd_zero_shot_eager(a) -> None:
+    import copy
+
+    import torch
+
+    from prge.run.train import prepare
+
+    torch.set_num_threads(a.threads)
+    s = prepare(eager_config(a))
+    for variant in a.quantize:
+        t0 = time.time()
+        model = quantizer(variant)(copy.deepcopy(s.model))
+        s_q = dataclasses.replace(s, model=model)
+        dev, test = (s_q.evaluate(items)["accuracy"] for items in (s.dev, s.test))
+        record({"kind": "zero-shot-eager", "model": a.model, "quantize": variant, "dev": dev, "test": test, "n_dev": len(s.dev),
+                "n_test": len(s.test), "template": a.template, "seconds": time.time() - t0, "threads": a.threads})
+
+
+def cmd_train_eager(a) -> None:
+    from prge.run.train import run
+
+    for seed in a.seeds:
+        for variant in a.quantize:
+            out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}"
+            if (out / "summary.json").is_file():
+                continue
+            resume = (out / "checkpoints" / "last").is_dir()
+            eps = 1e-2 if variant == "none" else 3e-2  # the programs' recorded ε (a quantised one refuses less)
+            cfg = eager_config(a, steps=a.steps, eval_every=a.eval_every, checkpoint_every=10, seed=seed, eps=eps,
+                               out=None if resume else str(out), resume=str(out) if resume else None)
+            s = run(cfg, base=quantizer(variant))
+            record({"kind": "train-eager", "model": a.model, "quantize": variant, "seed": seed, "steps": a.steps, "eps": eps,
+                    "lr": cfg.lr, "best_dev": s["best_dev"], "best_step": s["best_step"], "test_before": s["test_before"],
+                    "test_after_last": s["test_after_last"], "test_after_best": s["test_after_best"], "n_dev": a.n_dev,
+                    "threads": a.threads, "template": a.template, "resumed": resume, "minutes": s.get("minutes")})
 
 
 def cmd_train(a) -> None:
@@ -218,7 +280,7 @@ def cmd_train(a) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["export", "eps", "eps-eager", "train"])
+    p.add_argument("what", choices=["export", "eps", "eps-eager", "train", "zero-shot-eager", "train-eager"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", choices=["train", "all"], default="all", help="train: train_step only (for eps)")
     p.add_argument("--quantize", nargs="+", default=["none", "8da8w", "8da4w"])
@@ -236,7 +298,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--native", action="store_true", help="train with the C++ runner (prge device-train --native)")
     a = p.parse_args()
-    {"export": cmd_export, "eps": cmd_eps, "eps-eager": cmd_eps_eager, "train": cmd_train}[a.what](a)
+    {"export": cmd_export, "eps": cmd_eps, "eps-eager": cmd_eps_eager, "train": cmd_train,
+     "zero-shot-eager": cmd_zero_shot_eager, "train-eager": cmd_train_eager}[a.what](a)
     return 0
 
 

@@ -44,13 +44,18 @@ CACHE = Path(os.environ.get("PRGE_BENCH_CACHE", Path.home() / ".cache" / "prge" 
 OUT = ROOT / "benchmarks" / "results" / "readout_probe.jsonl"
 
 
+def template(name: str) -> str | None:
+    """--template: EARLIER for SST-2's earlier prompt, DEFAULT for the task's own (`prge train`'s), else the text."""
+    return {"EARLIER": EARLIER_SST2_TEMPLATE, "DEFAULT": None}.get(name, name)
+
+
 def cached_features(a, suffix: str, rows_of) -> dict:
     """{split: rows_of(prepared run, items, batch size), "seconds"} for train/dev/test, computed once and
     cached under CACHE (the file name says model, task, prompt, rows and `suffix`)."""
-    path = CACHE / f"{a.model}-{a.task}-{'earlier' if a.template == 'EARLIER' else 'default'}-{a.rows}{suffix}.pt"
+    path = CACHE / f"{a.model}-{a.task}-{a.template.lower() if a.template in ('EARLIER', 'DEFAULT') else 'custom'}-{a.rows}{suffix}.pt"
     if path.is_file():
         return torch.load(path)
-    cfg = TrainConfig(model=a.model, task=a.task, template=EARLIER_SST2_TEMPLATE if a.template == "EARLIER" else a.template,
+    cfg = TrainConfig(model=a.model, task=a.task, template=template(a.template),
                       n_train=a.rows, steps=0, progress=False, threads=a.threads, readout=0)
     s = prepare(cfg)
     out = {}
@@ -118,7 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="sst2")
-    p.add_argument("--template", default="EARLIER", help="a prompt template, or EARLIER for SST-2's earlier prompt")
+    p.add_argument("--template", default="EARLIER", help="a prompt template, EARLIER for SST-2's earlier prompt, or DEFAULT for the task's own")
     p.add_argument("--rows", type=int, default=8000, help="training rows whose hidden states are computed")
     p.add_argument("--use", type=int, nargs="+", default=[1000, 2000, 4000, 8000], help="training rows each probe uses")
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256, 576])

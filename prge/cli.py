@@ -322,8 +322,10 @@ def parser() -> argparse.ArgumentParser:
                         "host: z is an input drawn by the host (bit-exact with eager); engine: the runtime's "
                         "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
     x.add_argument("--quantize", default="none", choices=["none", "8da4w", "8da8w"],
-                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 or int8 weights; "
-                        "LoRA B stays float32; use --eps 3e-2 or larger with them), or none: a float32 base (default: none)")
+                   help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 weights with HQQ scales or "
+                        "int8 per-channel weights; LoRA B stays float32; use --eps 3e-2 or larger with them): 8da8w for "
+                        "memory and speed, 8da4w for memory only (it loses accuracy, README 'Quantised programs'), or "
+                        "none: a float32 base (default: none)")
     x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
     x.add_argument("--ranks", type=int, default=1,
                    help="export one rank's program of an engine fleet: run it with `torchrun --nproc-per-node N -m prge "

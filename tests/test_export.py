@@ -500,7 +500,7 @@ def test_quantized_base(tmp_path):
     s, eager = small_setup(tmp_path)
     m = export_program(s.model, s.tokenizer, s.label_ids, q=Q, batch_size=B, max_length=16, quantize="8da4w",
                        out_path=tmp_path / "p.pte", model_name="tiny", methods=("train_step", "read_state"))
-    assert m["quantization"] == "8da4w"
+    assert m["quantization"] == "8da4w" and m["int4_qparams"] == "hqq_scale_only"
     assert all(type(x.base.weight) is torch.nn.Parameter for x in lora_layers(s.model).values())  # caller's model untouched
     engine = Engine(tmp_path / "p.pte", m)
     batch = collate(s.train[:2], s.pad_id, 16, 1)

@@ -66,6 +66,28 @@ def test_resume_continues_the_exact_trajectory(tiny, tmp_path, method, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_changed_base_trains_on_it_and_resumes_on_it(tiny, tmp_path):
+    """run(base=f): f changes the frozen base after it is loaded (benchmarks/quantized.py train-eager
+    quantises it); an interrupted run resumed with the same f follows the uninterrupted one bit for bit."""
+    from prge.zo.lora import lora_layers
+
+    seen = []
+
+    def halve(model):
+        seen.append(model)
+        with torch.no_grad():
+            for m in lora_layers(model).values():
+                m.base.weight.mul_(0.5)
+
+    run(cfg(tiny, tmp_path / "full"), base=halve)
+    run(cfg(tiny, tmp_path / "plain"))
+    assert len(seen) == 1 and losses(tmp_path / "full") != losses(tmp_path / "plain")
+    part = tmp_path / "part"
+    run(cfg(tiny, part), stop_after=3, base=halve)
+    run(cfg(tiny, part, resume=str(part)), base=halve)
+    assert losses(part) == losses(tmp_path / "full")
+
+
 def test_resume_with_an_earlier_stop_keeps_the_checkpoint(tiny, tmp_path):
     """Resuming at step 3 with stop_after=1 (a slice already done) stops at 3 without relabelling the checkpoint."""
     run(cfg(tiny, tmp_path / "full"))

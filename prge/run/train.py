@@ -320,13 +320,17 @@ class EagerStepper:
         return load_checkpoint(self.s, folder, self.optimizer)
 
 
-def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+def run(cfg: TrainConfig, stop_after: int | None = None, base=None) -> dict:
     """Train as configured; returns the summary. `stop_after` ends early after that step (tests use it
-    to simulate an interrupted run). The run folder is locked for the run (`prge.run.lock`). Under
-    torchrun with more than one process, `prge.run.dist` runs it."""
+    to simulate an interrupted run). `base`, a function of the model, changes the frozen base in place
+    after it is loaded (`benchmarks/quantized.py train-eager` quantises it as a device program's is).
+    The run folder is locked for the run (`prge.run.lock`). Under torchrun with more than one process,
+    `prge.run.dist` runs it."""
     from prge.run import dist
 
     if dist.launched():
+        if base is not None:
+            raise PrgeError("a changed base is for one process", "run it without torchrun")
         return dist.run(cfg, stop_after)
     resume_ckpt = None
     if cfg.resume:
@@ -338,6 +342,8 @@ def run(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         if cfg.resume and resume_ckpt is None:
             say(f"prge: {cfg.out} was stopped before its first checkpoint; starting again at step 0")
         s = prepare(cfg, adapter=str(resume_ckpt) if resume_ckpt and cfg.tune != "full" else None)
+        if base is not None:
+            base(s.model)
         run_dir = Path(cfg.out or f"runs/{s.data_name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not cfg.out:
             held.enter_context(run_lock(run_dir, log=say))
