@@ -166,7 +166,6 @@ def cmd_eps_eager(a) -> None:
 
     import torch
 
-    from prge.config import TrainConfig
     from prge.data.batch import collate, step_indices
     from prge.run.train import prepare
     from prge.zo import estimator as est
@@ -175,8 +174,7 @@ def cmd_eps_eager(a) -> None:
     from prge.zo.lora import trainable_b
 
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(model=a.model, task="sst2", template=a.template, q=a.q, batch_size=a.batch_size,
-                      max_length=a.max_length, n_dev=a.n_dev, threads=a.threads, progress=False)
+    cfg = eager_config(a)  # readout 0: this compares losses only, nothing is trained
     s = prepare(cfg)
     models = {quant: s.model if quant == "none" else quantizer(quant)(copy.deepcopy(s.model)) for quant in a.quantize}
     q = a.q
