@@ -18,6 +18,13 @@ to measure with `prge train --steps 0 --readout R --readout-rows N`.
 last the final normed state the readout reads today) at the answer position, with the same
 parameterisation (head's zero-shot label logits + B (A h_l)): whether a readout on an intermediate
 layer (a side readout, not a LoRA on the head) would have a higher ceiling. Rows get "layer".
+
+    python benchmarks/readout_probe.py --pool --rows 4000 --use 1000 2000 4000 --ranks 64 256
+
+`--pool` probes features that are not the answer position's alone: the mean of a layer's hidden
+states over the prompt's tokens ("mean@L"), and concatenations with the answer position's state
+("last@30+mean@L"), same parameterisation (head's zero-shot label logits + B (A x)). Rows get
+"features". Whether a readout on pooled states would lift the ceiling the answer position sets.
 """
 
 from __future__ import annotations
@@ -98,6 +105,47 @@ def layer_features(a) -> dict:
     return cached_features(a, "-layers", rows_of)
 
 
+def pooled_features(a) -> dict:
+    """{split: {"hl": (N, L+1, H) every layer's state at the answer position, "ml": (N, L+1, H) every layer's
+    mean over the prompt's tokens (positions 0 .. answer position), "y", "base"}}."""
+    from prge.data.batch import collate
+    from prge.zo.loss import body
+
+    @torch.no_grad()
+    def rows_of(s, items, batch_size):
+        hs, ms, ys = [], [], []
+        for i in range(0, len(items), batch_size):
+            b = collate(items[i:i + batch_size], s.pad_id)
+            states = torch.stack(body(s.model)(input_ids=b.input_ids, use_cache=False, output_hidden_states=True).hidden_states, 1).float()
+            pos = b.target_pos[:, 0]
+            keep = (torch.arange(states.shape[2])[None, :] <= pos[:, None]).float()  # (b, T): the prompt's tokens
+            hs.append(states[torch.arange(len(pos)), :, pos])
+            ms.append((states * keep[:, None, :, None]).sum(2) / keep.sum(1)[:, None, None])
+            ys.append(b.label)
+        h = torch.cat(hs)
+        return {"hl": h, "ml": torch.cat(ms), "y": torch.cat(ys), "base": label_head(s.model, h[:, -1], s.label_ids)}
+
+    return cached_features(a, "-pool", rows_of)
+
+
+POOLS = ("last@30", "mean@30", "mean@24", "mean@20", "mean@16", "last@30+mean@30", "last@30+mean@24",
+         "last@30+mean@20", "last@30+mean@16", "last@30+last@24", "last@30+last@24+mean@24+mean@16")
+
+
+def pooled(fp: dict, spec: str) -> dict:
+    """The features `spec` names ("last@L" / "mean@L", joined by "+"), each part divided by its rms over the
+    training rows so no part's scale dominates the basis."""
+    def part(split: str, name: str) -> torch.Tensor:
+        kind, layer = name.split("@")
+        return fp[split]["hl" if kind == "last" else "ml"][:, int(layer)]
+    out = {}
+    for split in ("train", "dev", "test"):
+        xs = [part(split, n) / part("train", n).pow(2).mean().sqrt() for n in spec.split("+")]
+        out[split] = {"h": torch.cat(xs, 1), "y": fp[split]["y"], "base": fp[split]["base"]}
+    out["seconds"] = fp["seconds"]
+    return out
+
+
 def probe(f: dict, rows: int, rank: int, l2: float) -> tuple[float, float]:
     """(dev accuracy, test accuracy) of B fitted by L-BFGS on the first `rows` training rows."""
     tr = f["train"]
@@ -130,8 +178,14 @@ def main() -> None:
     p.add_argument("--l2", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, nargs="+", help="probe these layers' hidden states (see above) instead of the final one")
+    p.add_argument("--pool", nargs="*", metavar="SPEC", help=f"probe pooled features (see above); default: {' '.join(POOLS)}")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.pool is not None:
+        fp = pooled_features(a)
+        for spec in a.pool or POOLS:
+            run_probes(a, pooled(fp, spec), {"features": spec})
+        return
     if a.layers:
         fl = layer_features(a)
         for layer in a.layers:

@@ -321,3 +321,25 @@ def test_calibration_fits_the_label_biases_a_skewed_model_lacks():
     ideal = cal.summary(clean[300:], gold[300:], torch.zeros(3))
     assert before["label_share"][0] > 0.7 and before["accuracy"] < 0.6
     assert after["accuracy"] == pytest.approx(ideal["accuracy"], abs=0.03)
+
+
+def test_readout_probe_pools_parts_at_unit_scale_and_fits_a_separable_readout():
+    import torch
+
+    rp = bench("readout_probe")
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.randint(0, 2, (n,), generator=g)
+        hl = torch.randn(n, 31, 8, generator=g) * 5.0
+        ml = torch.randn(n, 31, 8, generator=g)
+        ml[:, 20, 0] = (2 * y - 1).float() * 3.0  # the label is linear in layer 20's mean, nowhere else
+        return {"hl": hl, "ml": ml, "y": y, "base": torch.zeros(n, 2)}
+
+    fp = {"train": split(200), "dev": split(100), "test": split(100), "seconds": 1.0}
+    f = rp.pooled(fp, "last@30+mean@20")
+    x = f["train"]["h"]
+    assert x.shape == (200, 16)
+    assert torch.allclose(x[:, :8].pow(2).mean(), torch.tensor(1.0)) and torch.allclose(x[:, 8:].pow(2).mean(), torch.tensor(1.0))
+    assert rp.probe(f, 200, 16, 0.0)[1] == 1.0  # mean@20 carries the label: the readout finds it
+    assert rp.probe(rp.pooled(fp, "last@30"), 200, 8, 0.0)[1] < 0.8  # the answer position alone does not
