@@ -25,6 +25,8 @@ layer (a side readout, not a LoRA on the head) would have a higher ceiling. Rows
 states over the prompt's tokens ("mean@L"), and concatenations with the answer position's state
 ("last@30+mean@L"), same parameterisation (head's zero-shot label logits + B (A x)). Rows get
 "features". Whether a readout on pooled states would lift the ceiling the answer position sets.
+`--pool SPEC ... --mlp 64 256` fits a one-hidden-layer GELU network (AdamW, exact gradients) on
+those features instead: whether a nonlinear readout would. Rows get "mlp" (its hidden width).
 """
 
 from __future__ import annotations
@@ -167,6 +169,31 @@ def probe(f: dict, rows: int, rank: int, l2: float) -> tuple[float, float]:
     return acc[0], acc[1]
 
 
+def mlp_probe(f: dict, hidden: int, wd: float, epochs: int = 60) -> tuple[float, float]:
+    """(dev, test) accuracy at the best-dev epoch (every 5th) of head's zero-shot logits + MLP(x), the MLP's
+    output layer from zero, AdamW lr 1e-3, 64 rows a step, on every training row."""
+    torch.manual_seed(0)
+    xt, yt, bt = f["train"]["h"], f["train"]["y"], f["train"]["base"]
+    net = torch.nn.Sequential(torch.nn.Linear(xt.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, bt.shape[1]))
+    torch.nn.init.zeros_(net[2].weight)
+    torch.nn.init.zeros_(net[2].bias)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=wd)
+    best = (0.0, 0.0)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(yt))
+        for i in range(0, len(yt), 64):
+            j = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(bt[j] + net(xt[j]), yt[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % 5 == 4:
+            with torch.no_grad():
+                acc = [float(((f[k]["base"] + net(f[k]["h"])).argmax(-1) == f[k]["y"]).float().mean()) for k in ("dev", "test")]
+            best = max(best, tuple(acc), key=lambda t: t[0])
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -179,12 +206,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, nargs="+", help="probe these layers' hidden states (see above) instead of the final one")
     p.add_argument("--pool", nargs="*", metavar="SPEC", help=f"probe pooled features (see above); default: {' '.join(POOLS)}")
+    p.add_argument("--mlp", type=int, nargs="+", metavar="WIDTH", help="with --pool: fit an MLP of these hidden widths instead (see above)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.pool is not None:
         fp = pooled_features(a)
         for spec in a.pool or POOLS:
-            run_probes(a, pooled(fp, spec), {"features": spec})
+            if a.mlp:
+                run_mlp_probes(a, pooled(fp, spec), spec)
+            else:
+                run_probes(a, pooled(fp, spec), {"features": spec})
         return
     if a.layers:
         fl = layer_features(a)
@@ -194,6 +225,18 @@ def main() -> None:
             run_probes(a, f, {"layer": layer})
         return
     run_probes(a, features(a), {})
+
+
+def run_mlp_probes(a, f: dict, spec: str) -> None:
+    """One row per MLP width, its weight decay chosen on dev from 1e-3 / 1e-2 / 1e-1."""
+    for width in a.mlp:
+        n = len(f["train"]["y"])
+        wd, (dev, test) = max(((wd, mlp_probe(f, width, wd)) for wd in (1e-3, 1e-2, 1e-1)), key=lambda t: t[1][0])
+        row = {"model": a.model, "task": a.task, "template": a.template, "features": spec, "mlp": width, "rows": n,
+               "weight_decay": wd, "dev": dev, "test": test, "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
+        print(json.dumps(row), flush=True)
+        with OUT.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 def run_probes(a, f: dict, extra: dict) -> None:
