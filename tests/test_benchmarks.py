@@ -343,3 +343,13 @@ def test_readout_probe_pools_parts_at_unit_scale_and_fits_a_separable_readout():
     assert torch.allclose(x[:, :8].pow(2).mean(), torch.tensor(1.0)) and torch.allclose(x[:, 8:].pow(2).mean(), torch.tensor(1.0))
     assert rp.probe(f, 200, 16, 0.0)[1] == 1.0  # mean@20 carries the label: the readout finds it
     assert rp.probe(rp.pooled(fp, "last@30"), 200, 8, 0.0)[1] < 0.8  # the answer position alone does not
+
+
+def test_quantized_eager_runs_take_a_builtin_models_own_lr():
+    import argparse
+
+    q = bench("quantized")
+    a = argparse.Namespace(model="gemma3-270m", template="x {sentence}", q=4, batch_size=4, max_length=64, n_dev=200, threads=1)
+    assert q.eager_config(a).lr == 1e-4  # Gemma-3-270M diverges at TrainConfig's 3e-3
+    assert q.eager_config(a, lr=5e-4).lr == 5e-4
+    assert q.eager_config(argparse.Namespace(**{**vars(a), "model": "smollm2-135m"})).lr == 3e-3
