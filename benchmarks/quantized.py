@@ -237,11 +237,12 @@ def cmd_train_eager(a) -> None:
 
     for seed in a.seeds:
         for variant in a.quantize:
-            out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}"
+            # the programs' recorded ε (a quantised one refuses less), or --train-eps for every variant (how ε alone moves fp32)
+            eps = a.train_eps or (1e-2 if variant == "none" else 3e-2)
+            out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}{f'-eps{eps:g}' if a.train_eps else ''}"
             if (out / "summary.json").is_file():
                 continue
             resume = (out / "checkpoints" / "last").is_dir()
-            eps = 1e-2 if variant == "none" else 3e-2  # the programs' recorded ε (a quantised one refuses less)
             cfg = eager_config(a, steps=a.steps, eval_every=a.eval_every, checkpoint_every=10, seed=seed, eps=eps,
                                out=None if resume else str(out), resume=str(out) if resume else None)
             s = run(cfg, base=quantizer(variant))
@@ -299,6 +300,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--train-eps", type=float, help="train-eager: this ε for every variant instead of the programs' own (1e-2 fp32, 3e-2 quantised)")
     p.add_argument("--native", action="store_true", help="train with the C++ runner (prge device-train --native)")
     a = p.parse_args()
     {"export": cmd_export, "eps": cmd_eps, "eps-eager": cmd_eps_eager, "train": cmd_train,
