@@ -141,7 +141,7 @@ def cell_row(cell: str) -> dict:
             "best_step": s["best_step"], "best_dev": s["best_dev"], "n_test": s["n_test"], "dev_curve": dev,
             "train_seconds_to_best": sum(v for k, v in secs.items() if k <= s["best_step"]),
             "readout": s.get("readout"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d", time.localtime((RUNS / cell / "summary.json").stat().st_mtime))}  # the run's day, not the table's
 
 
 def time_to_backprop(bp_min: float, bp_acc: float, zo: list[tuple[float, float, str]]) -> dict:
