@@ -87,26 +87,6 @@ def features(a) -> dict:
     return cached_features(a, "", rows_of)
 
 
-def layer_features(a) -> dict:
-    """{split: {"hl": (N, L+1, H) every layer's hidden state at the answer position, "y", "base"}}."""
-    from prge.data.batch import collate
-    from prge.zo.loss import body
-
-    @torch.no_grad()
-    def rows_of(s, items, batch_size):
-        hs, ys = [], []
-        for i in range(0, len(items), batch_size):
-            b = collate(items[i:i + batch_size], s.pad_id)
-            states = body(s.model)(input_ids=b.input_ids, use_cache=False, output_hidden_states=True).hidden_states
-            pos = b.target_pos[:, 0]
-            hs.append(torch.stack([h[torch.arange(len(pos)), pos] for h in states], 1).float())
-            ys.append(b.label)
-        h, y = torch.cat(hs), torch.cat(ys)
-        return {"hl": h, "y": y, "base": label_head(s.model, h[:, -1], s.label_ids)}
-
-    return cached_features(a, "-layers", rows_of)
-
-
 def pooled_features(a) -> dict:
     """{split: {"hl": (N, L+1, H) every layer's state at the answer position, "ml": (N, L+1, H) every layer's
     mean over the prompt's tokens (positions 0 .. answer position), "y", "base"}}."""
@@ -218,11 +198,9 @@ def main() -> None:
                 run_probes(a, pooled(fp, spec), {"features": spec})
         return
     if a.layers:
-        fl = layer_features(a)
-        for layer in a.layers:
-            f = {k: {"h": v["hl"][:, layer], "y": v["y"], "base": v["base"]} for k, v in fl.items() if k != "seconds"}
-            f["seconds"] = fl["seconds"]
-            run_probes(a, f, {"layer": layer})
+        fl = pooled_features(a)  # its "hl": every layer's state at the answer position
+        for layer in a.layers:  # (the rms scaling `pooled` applies leaves the probe as it was: its basis whitens)
+            run_probes(a, pooled(fl, f"last@{layer}"), {"layer": layer})
         return
     run_probes(a, features(a), {})
 
