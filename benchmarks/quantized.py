@@ -205,11 +205,10 @@ def quantizer(variant: str):
 def eager_config(a, **kw):
     """The eager run's TrainConfig: the programs' shapes, and a built-in model's own lr as `prge train` gives it."""
     from prge.config import TrainConfig
-    from prge.models.builtin import BUILTINS
+    from prge.models.builtin import builtin_lr
 
-    spec = BUILTINS.get(a.model)
-    if spec is not None and spec.lr is not None:
-        kw.setdefault("lr", spec.lr)
+    if builtin_lr(a.model) is not None:
+        kw.setdefault("lr", builtin_lr(a.model))
     return TrainConfig(model=a.model, task="sst2", template=a.template, q=a.q, batch_size=a.batch_size,
                        max_length=a.max_length, n_dev=a.n_dev, threads=a.threads, progress=False, readout=0, **kw)
 

@@ -205,16 +205,21 @@ def main() -> None:
     run_probes(a, features(a), {})
 
 
+def record(a, fields: dict) -> None:
+    """Print one probe's row and append it to OUT, with the model, task, prompt and machine."""
+    row = {"model": a.model, "task": a.task, "template": a.template, **fields,
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
+    print(json.dumps(row), flush=True)
+    with OUT.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def run_mlp_probes(a, f: dict, spec: str) -> None:
     """One row per MLP width, its weight decay chosen on dev from 1e-3 / 1e-2 / 1e-1."""
     for width in a.mlp:
         n = len(f["train"]["y"])
         wd, (dev, test) = max(((wd, mlp_probe(f, width, wd)) for wd in (1e-3, 1e-2, 1e-1)), key=lambda t: t[1][0])
-        row = {"model": a.model, "task": a.task, "template": a.template, "features": spec, "mlp": width, "rows": n,
-               "weight_decay": wd, "dev": dev, "test": test, "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
-        print(json.dumps(row), flush=True)
-        with OUT.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        record(a, {"features": spec, "mlp": width, "rows": n, "weight_decay": wd, "dev": dev, "test": test})
 
 
 def run_probes(a, f: dict, extra: dict) -> None:
@@ -226,12 +231,8 @@ def run_probes(a, f: dict, extra: dict) -> None:
         for r in a.ranks:
             fits = [(l2, *probe(f, n, r, l2)) for l2 in a.l2]
             l2, dev, test = max(fits, key=lambda t: t[1])  # the L2 weight chosen on dev
-            row = {"model": a.model, "task": a.task, "template": a.template, **extra, "rows": n, "rank": r, "l2": l2, "dev": dev, "test": test,
-                   "zero_shot_dev": zero[0], "zero_shot_test": zero[1], "features_minutes_all_rows": f["seconds"] / 60,
-                   "machine": f"{platform.machine()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"}
-            print(json.dumps(row), flush=True)
-            with OUT.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            record(a, {**extra, "rows": n, "rank": r, "l2": l2, "dev": dev, "test": test, "zero_shot_dev": zero[0],
+                       "zero_shot_test": zero[1], "features_minutes_all_rows": f["seconds"] / 60})
 
 
 if __name__ == "__main__":

@@ -84,14 +84,14 @@ def build_config(args: argparse.Namespace, builtin_lr: bool = True):
     if values.get("resume"):
         values = resume_values(values)
     if builtin_lr and "lr" not in values:  # a built-in model may need another lr than the default (prge.models.builtin)
-        from prge.models.builtin import BUILTINS
+        from prge.models.builtin import builtin_lr
 
-        spec = BUILTINS.get(values.get("model", TrainConfig().model))
-        if spec is not None and spec.lr is not None:
+        lr = builtin_lr(values.get("model", TrainConfig().model))
+        if lr is not None:
             from prge.log import say
 
-            say(f"prge: --lr {spec.lr:g}, {values['model']}'s default (pass --lr to choose another)")
-            values["lr"] = spec.lr
+            say(f"prge: --lr {lr:g}, {values['model']}'s default (pass --lr to choose another)")
+            values["lr"] = lr
     try:
         return TrainConfig(**values)
     except TypeError as e:

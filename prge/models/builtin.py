@@ -79,6 +79,12 @@ BUILTINS: dict[str, BuiltinModel] = {
 }
 
 
+def builtin_lr(model: str) -> float | None:
+    """The lr `prge train` / `prge export` use for `model` when nothing gives one: a built-in model's own, else None."""
+    spec = BUILTINS.get(model)
+    return spec.lr if spec is not None else None
+
+
 def cache_root(cache_dir: str | None = None) -> Path:
     """`cache_dir`, else $PRGE_CACHE, else ~/.cache/prge."""
     return Path(os.path.expanduser(cache_dir or os.environ.get("PRGE_CACHE") or "~/.cache/prge"))
