@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "footprint.jsonl"
-from prge.engine.formats import QUANTIZED_MIN_EPS
+from prge.engine.formats import min_eps, quantized_min_eps
 
 CACHE = Path(os.environ.get("PRGE_CACHE", Path.home() / ".cache" / "prge")) / "bench" / "footprint"
 
@@ -72,7 +72,7 @@ def export(model: str, quantize: str | None, threads: int) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "prge", "export", "--model", model, "--task", "sst2", "--q", "4", "--batch-size", "4",
            "--max-length", "128", "--n-train", "64", "--n-dev", "32", "--threads", str(threads), "--out", str(out)]
-    cmd += ["--quantize", quantize, "--eps", str(QUANTIZED_MIN_EPS)] if quantize else []
+    cmd += ["--quantize", quantize, "--eps", str(quantized_min_eps(quantize))] if quantize else []
     print("exporting:", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return out
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         if a.program:  # the program says what it is; a quantised one is run at the ε it tolerates
             quantize = manifest.get("quantization")
         sizes = program_sizes(pte)
-        eps = QUANTIZED_MIN_EPS if quantize else 1e-3
+        eps = max(min_eps(manifest), 1e-3) if quantize else 1e-3
         for loop in a.loops:
             for cache in a.cache:
                 with tempfile.TemporaryDirectory(prefix="prge-footprint-") as tmp:

@@ -77,7 +77,7 @@ def cmd_export(a) -> None:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import QUANTIZED_MIN_EPS, write_dataset
+    from prge.engine.formats import quantized_min_eps, write_dataset
     from prge.run.train import prepare
 
     torch.set_num_threads(a.threads)
@@ -93,7 +93,7 @@ def cmd_export(a) -> None:
         t0 = time.time()
         m = export_program(s.model, s.tokenizer, s.label_ids, q=a.q, batch_size=a.batch_size, max_length=a.max_length,
                            quantize=None if quant == "none" else quant, out_path=out, model_name=a.model, methods=methods,
-                           run_defaults={"eps": cfg.eps if quant == "none" else max(cfg.eps, QUANTIZED_MIN_EPS), "lr": cfg.lr,
+                           run_defaults={"eps": max(cfg.eps, quantized_min_eps(quant)), "lr": cfg.lr,
                                          "seed": cfg.seed}, log=print)
         export_s = time.time() - t0
         write_dataset(Path(str(out).removesuffix(".pte") + ".data.safetensors"), s, m)
@@ -232,13 +232,15 @@ def cmd_zero_shot_eager(a) -> None:
 
 
 def cmd_train_eager(a) -> None:
+    from prge.engine.formats import quantized_min_eps
     from prge.run.train import run
 
     for seed in a.seeds:
         for variant in a.quantize:
-            # the programs' recorded ε (a quantised one refuses less), or --train-eps for every variant (how ε alone moves fp32)
-            eps = a.train_eps or (1e-2 if variant == "none" else 3e-2)
-            out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}{f'-eps{eps:g}' if a.train_eps else ''}"
+            # the programs' recorded ε (fp32's 1e-2, or the quantisation's floor where higher: 8da4w 3e-2),
+            # or --train-eps for every variant (how ε alone moves each)
+            eps = a.train_eps or max(1e-2, quantized_min_eps(variant))
+            out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}-eps{eps:g}"
             if (out / "summary.json").is_file():
                 continue
             resume = (out / "checkpoints" / "last").is_dir()
@@ -260,11 +262,11 @@ def cmd_train(a) -> None:
             if (out / "summary.json").is_file():
                 continue
             resume = ["--resume"] if (out / "checkpoints" / "last").is_dir() else []
-            # a quantised program trains at ε >= QUANTIZED_MIN_EPS (programs exported before it was raised recorded less)
-            from prge.engine.formats import QUANTIZED_MIN_EPS
+            # a quantised program trains at ε >= its floor (programs exported before a floor was raised recorded less)
+            from prge.engine.formats import min_eps
 
-            recorded = json.loads(Path(str(prog) + ".json").read_text()).get("run_defaults", {}).get("eps", 1e-2)
-            eps = recorded if quant == "none" else max(recorded, QUANTIZED_MIN_EPS)
+            manifest = json.loads(Path(str(prog) + ".json").read_text())
+            eps = max(manifest.get("run_defaults", {}).get("eps", 1e-2), min_eps(manifest))
             prge("device-train", "--program", str(prog), "--out", str(out), "--steps", str(a.steps), "--seed", str(seed),
                  "--eps", str(eps),
                  "--eval-every", str(a.eval_every), "--checkpoint-every", "10", "--no-progress", *resume, *(["--native"] if a.native else []),
@@ -299,7 +301,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--train-eps", type=float, help="train-eager: this ε for every variant instead of the programs' own (1e-2 fp32, 3e-2 quantised)")
+    p.add_argument("--train-eps", type=float, help="train-eager: this ε for every variant instead of the programs' own (1e-2 fp32 and 8da8w, 3e-2 8da4w)")
     p.add_argument("--native", action="store_true", help="train with the C++ runner (prge device-train --native)")
     a = p.parse_args()
     {"export": cmd_export, "eps": cmd_eps, "eps-eager": cmd_eps_eager, "train": cmd_train,

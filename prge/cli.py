@@ -180,16 +180,17 @@ def cmd_export(args) -> int:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import QUANTIZED_MIN_EPS, READOUT_DEFAULTS, RUN_DEFAULTS, write_dataset
+    from prge.engine.formats import READOUT_DEFAULTS, RUN_DEFAULTS, quantized_min_eps, write_dataset
     from prge.log import say
     from prge.run.train import prepare
 
     cfg = dc.replace(build_config(args), method="prge", tune="lora-fa", dtype="float32")
     default_eps = getattr(args, "eps", None) is None and cfg.eps == TrainConfig().eps  # not given, not in --config
-    if args.quantize != "none" and default_eps and cfg.eps < QUANTIZED_MIN_EPS:  # then the smallest that works
-        say(f"prge export: a {args.quantize} base needs eps >= {QUANTIZED_MIN_EPS:g}; recording eps {QUANTIZED_MIN_EPS:g} "
+    least = quantized_min_eps(args.quantize)
+    if default_eps and cfg.eps < least:  # then the smallest that works
+        say(f"prge export: a {args.quantize} base needs eps >= {least:g}; recording eps {least:g} "
             "as the device run's default (pass --eps to choose another)")
-        cfg = dc.replace(cfg, eps=QUANTIZED_MIN_EPS)
+        cfg = dc.replace(cfg, eps=least)
     s = prepare(cfg, adapter=args.adapter)
     from prge.zo import readout
 
@@ -323,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
                         "unseeded randn (NOT reproducible, cannot resume exactly) (default: counter)")
     x.add_argument("--quantize", default="none", choices=["none", "8da4w", "8da8w"],
                    help="quantise the frozen base linears (int8 dynamic activations, int4 group-32 weights with HQQ scales or "
-                        "int8 per-channel weights; LoRA B stays float32; use --eps 3e-2 or larger with them): 8da8w for "
+                        "int8 per-channel weights; LoRA B stays float32; eps at least 1e-2 with 8da8w, 3e-2 with 8da4w): 8da8w for "
                         "memory and speed, 8da4w for memory only (it loses accuracy, README 'Quantised programs'), or "
                         "none: a float32 base (default: none)")
     x.add_argument("--eval-batch-size", type=int, default=None, help="rows of the evaluate method (default: 2·q·batch size)")
@@ -353,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, help="learning rate; " + run_help.format(train_defaults.lr))
     d.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
                    help="constant, or a linear / cosine decay from --lr towards 0 over --steps; " + run_help.format(train_defaults.lr_schedule))
-    d.add_argument("--eps", type=float, help="perturbation scale (>= 3e-2 with a quantised base); " + run_help.format(train_defaults.eps))
+    d.add_argument("--eps", type=float, help="perturbation scale (at least the program's min_eps: 1e-2 with an 8da8w base, 3e-2 with 8da4w); " + run_help.format(train_defaults.eps))
     d.add_argument("--seed", type=int, help="picks every step's examples and noise; " + run_help.format(train_defaults.seed))
     d.add_argument("--eval-every", type=int, help="evaluate on dev and checkpoint every N steps (0: only at the end); "
                    + run_help.format(train_defaults.eval_every))

@@ -315,23 +315,32 @@ def test_a_replaced_manifest_is_refused(prog, tmp_path):
         Engine(p, m)
 
 
-def test_the_binary_alone_refuses_an_eps_below_the_programs_min_eps(prog, tmp_path):
+@pytest.mark.parametrize("quantization,recorded,floor", [("8da4w", None, 0.03), ("8da8w", None, 0.01), ("8da8w", 0.03, 0.03),
+                                                         ("int2", None, 0.03)])
+def test_the_binary_alone_refuses_an_eps_below_the_programs_min_eps(prog, tmp_path, quantization, recorded, floor):
     """Run directly (not through `prge device-train --native`), the binary reads the smallest ε the
-    program resolves (`get_min_eps`, at least QUANTIZED_MIN_EPS under a quantised manifest) and refuses
-    a smaller --eps with one line and exit 2, writing nothing; at the threshold it trains."""
-    from prge.engine.formats import QUANTIZED_MIN_EPS, min_eps, seal
+    program resolves (`get_min_eps`, the manifest's min_eps, and at least the quantisation's own floor:
+    3e-2 for 8da4w and any quantisation it does not know, 1e-2 for 8da8w) and refuses a smaller --eps
+    with one line and exit 2, writing nothing; at the threshold it trains. Python's rule
+    (formats.min_eps) gives the same threshold."""
+    from prge.engine.formats import min_eps, seal
 
     assert prog["manifest"]["min_eps"] == 0.0 and min_eps(prog["manifest"]) == 0.0  # an fp32 program
     p = tmp_path / "q.pte"
     shutil.copy(prog["path"], p)
-    m = seal(dict(prog["manifest"], quantization="8da4w"))
+    m = dict(prog["manifest"], quantization=quantization)
+    if recorded is None:
+        m.pop("min_eps")  # a manifest from before the field: the floor alone
+    else:
+        m["min_eps"] = recorded  # exported when 8da8w's floor was 3e-2: the program's own word holds
+    m = seal(m)
     Path(str(p) + ".json").write_text(json.dumps(m))
-    assert min_eps(m) == QUANTIZED_MIN_EPS
-    r = run_bin(prog, tmp_path, program=p, eps=1e-3)
+    assert min_eps(m) == floor
+    r = run_bin(prog, tmp_path, program=p, eps=floor * 0.9)
     err = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(err) == 1 and "min_eps 0.03" in err[0], r.stderr[-500:]
+    assert r.returncode == 2 and len(err) == 1 and f"min_eps {floor:g}" in err[0], r.stderr[-500:]
     assert not (tmp_path / "out").exists()
-    r = run_bin(prog, tmp_path, program=p, eps=QUANTIZED_MIN_EPS, steps=1)
+    r = run_bin(prog, tmp_path, program=p, eps=floor, steps=1)
     assert r.returncode == 0, r.stderr[-500:]
     assert len(step_losses(tmp_path / "out")) == 1
 

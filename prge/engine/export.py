@@ -70,7 +70,7 @@ from prge.zo import estimator as est
 from prge.zo import readout as ro
 from prge import io
 from prge.data.batch import Batch
-from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, QUANTIZED_MIN_EPS, check_eps,
+from prge.engine.formats import (CONSTANT_METHODS, FORMAT, FORMAT_VERSION, IDENTITY, METHODS, check_eps, quantized_min_eps,
                                   identity_sha256, lora_a_path, manifest_path, seal)
 from prge.errors import PrgeError
 from prge.zo.lora import lora_layers, set_copies, using
@@ -481,7 +481,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
 
     traced = model
     if quantize:
-        log(f"quantising the frozen base ({quantize}); train it with eps >= {QUANTIZED_MIN_EPS:g} (activation quantisation noise)")
+        log(f"quantising the frozen base ({quantize}); train it with eps >= {quantized_min_eps(quantize):g} (activation quantisation noise)")
         traced = _quantize(copy.deepcopy(model), quantize)
     core = StepProgram(traced, label_ids, q, loss, noise, ranks).eval()
     # the rank of the readout_step method's B: the recorded --readout where it is a rank, else the default
@@ -516,7 +516,7 @@ def export_program(model: nn.Module, tokenizer, label_ids, *, q: int, batch_size
                  "pad_id": tokenizer.pad_token_id, "batch_size": batch_size, "max_length": max_length,
                  "answer_slots": answer_slots, "q": q, "loss": loss, "label_ids": label_ids.tolist() if with_labels else None,
                  "layers": table, "eval_batch_size": n_eval, "total": total, "noise": noise,
-                 "min_eps": QUANTIZED_MIN_EPS if quantize else 0.0}
+                 "min_eps": quantized_min_eps(quantize)}
     described["identity_sha256"] = identity_sha256(described)
     t0 = time.time()
     data = lower(programs, {"train_step", "evaluate", "forward_losses", "features"},

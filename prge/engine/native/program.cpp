@@ -58,6 +58,12 @@ class RandomAccessConstants final : public DataLoader {
 
 const char* const TRAINING_METHODS[5] = {"train_step", "read_state", "read_raw", "write_raw", "evaluate"};
 
+double quantized_min_eps(const std::string& quantization) {  // prge.engine.formats.MIN_EPS_BY_QUANTIZATION
+  if (quantization.empty() || quantization == "none") return 0.0;
+  if (quantization == "8da8w") return 1e-2;
+  return 3e-2;  // 8da4w, and any other (QUANTIZED_MIN_EPS)
+}
+
 Program::Program(const std::string& path, bool weight_cache) : path_(path) {
   if (!exists(path)) fail("program " + path + " not found");
   if (is_dir(path)) fail("program " + path + " is a folder, not a file");
@@ -150,7 +156,7 @@ void Program::describe() {
     d.identity = m.value("identity_sha256", "");
   }
   // the smallest eps the base resolves (prge.engine.formats.min_eps): what the program says (get_min_eps) or
-  // its manifest records, and at least QUANTIZED_MIN_EPS where the manifest names a quantised base
+  // its manifest records, and at least its quantisation's floor where the manifest names a quantised base
   if (module_->method_meta("get_min_eps").ok()) {
     EValue v = constant("get_min_eps");
     if (!v.isDouble()) fail(path_ + ": get_min_eps does not return a number (re-export the program)");
@@ -160,7 +166,7 @@ void Program::describe() {
     auto me = d.manifest.find("min_eps");
     auto qz = d.manifest.find("quantization");
     if (me != d.manifest.end() && me->is_number()) d.min_eps = std::max(d.min_eps, me->get<double>());
-    if (qz != d.manifest.end() && qz->is_string() && qz->get<std::string>() != "none") d.min_eps = std::max(d.min_eps, QUANTIZED_MIN_EPS);
+    if (qz != d.manifest.end() && qz->is_string()) d.min_eps = std::max(d.min_eps, quantized_min_eps(qz->get<std::string>()));
   }
   if (d.noise != "counter")
     fail("the program draws its noise with '" + d.noise + "'; the native trainer runs 'counter' programs (re-export with --noise counter)");

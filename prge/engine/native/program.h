@@ -17,8 +17,8 @@ namespace prge {
 // The methods training calls (prge.engine.formats.METHODS).
 extern const char* const TRAINING_METHODS[5];
 
-// prge.engine.formats.QUANTIZED_MIN_EPS: the min_eps of a quantised program whose manifest predates the field
-constexpr double QUANTIZED_MIN_EPS = 3e-2;
+// prge.engine.formats.quantized_min_eps: the eps floor of a base quantised with `quantization` (0 for fp32)
+double quantized_min_eps(const std::string& quantization);
 
 // What a program is: its shapes and the identity hash its data must carry. A program exported with
 // constant methods (`get_identity_sha256`, `get_q`, ...) says it itself; an older one is described by
