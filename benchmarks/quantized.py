@@ -280,7 +280,9 @@ def cmd_train(a) -> None:
                     "lr": s.get("lr"), "program_mb": m["program_bytes"] / 1e6, "step_s": step_s,
                     "tokens_per_s": 2 * m["q"] * m["batch_size"] * m["max_length"] / step_s, "dev_before": s["dev_before"],
                     "dev_after": s["dev_after"], "best_dev": s["best_dev"], "n_dev": a.n_dev, "threads": a.threads,
-                    "template": a.template, "resumed": bool(resume), "peak_rss_mb": s.get("peak_rss_mb")})
+                    "template": a.template, "resumed": bool(resume), "peak_rss_mb": s.get("peak_rss_mb"),
+                    # the label readout fitted after the steps: the dev accuracy of the adapter the run delivers
+                    "readout_dev_after": (s.get("readout") or {}).get("dev_after")})
 
 
 def main() -> int:
