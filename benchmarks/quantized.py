@@ -77,7 +77,7 @@ def cmd_export(a) -> None:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import quantized_min_eps, write_dataset
+    from prge.engine.formats import QUANTIZED_DEFAULT_EPS, write_dataset
     from prge.run.train import prepare
 
     torch.set_num_threads(a.threads)
@@ -93,7 +93,7 @@ def cmd_export(a) -> None:
         t0 = time.time()
         m = export_program(s.model, s.tokenizer, s.label_ids, q=a.q, batch_size=a.batch_size, max_length=a.max_length,
                            quantize=None if quant == "none" else quant, out_path=out, model_name=a.model, methods=methods,
-                           run_defaults={"eps": max(cfg.eps, quantized_min_eps(quant)), "lr": cfg.lr,
+                           run_defaults={"eps": cfg.eps if quant == "none" else max(cfg.eps, QUANTIZED_DEFAULT_EPS), "lr": cfg.lr,
                                          "seed": cfg.seed}, log=print)
         export_s = time.time() - t0
         write_dataset(Path(str(out).removesuffix(".pte") + ".data.safetensors"), s, m)
@@ -232,14 +232,13 @@ def cmd_zero_shot_eager(a) -> None:
 
 
 def cmd_train_eager(a) -> None:
-    from prge.engine.formats import quantized_min_eps
+    from prge.engine.formats import QUANTIZED_DEFAULT_EPS
     from prge.run.train import run
 
     for seed in a.seeds:
         for variant in a.quantize:
-            # the programs' recorded ε (fp32's 1e-2, or the quantisation's floor where higher: 8da4w 3e-2),
-            # or --train-eps for every variant (how ε alone moves each)
-            eps = a.train_eps or max(1e-2, quantized_min_eps(variant))
+            # the programs' recorded ε (fp32's 1e-2, a quantised one's 3e-2), or --train-eps for every variant
+            eps = a.train_eps or (1e-2 if variant == "none" else QUANTIZED_DEFAULT_EPS)
             out = Path(a.dir).expanduser() / f"eager-{a.model}-{variant}-s{seed}-{a.steps}-eps{eps:g}"
             if (out / "summary.json").is_file():
                 continue
@@ -254,19 +253,19 @@ def cmd_train_eager(a) -> None:
 
 
 def cmd_train(a) -> None:
+    from prge.engine.formats import min_eps
+
     for seed in a.seeds:
         for quant in a.quantize:
             prog = program_path(a, quant)
             loop = "native" if a.native else "python"
-            out = Path(a.dir).expanduser() / f"run-{prog.stem}-s{seed}-{a.steps}-{loop}"
+            # a quantised program trains at ε >= its floor (programs exported before a floor was raised recorded less)
+            manifest = json.loads(Path(str(prog) + ".json").read_text())
+            eps = max(manifest.get("run_defaults", {}).get("eps", 1e-2), min_eps(manifest))
+            out = Path(a.dir).expanduser() / f"run-{prog.stem}-s{seed}-{a.steps}-{loop}-eps{eps:g}"
             if (out / "summary.json").is_file():
                 continue
             resume = ["--resume"] if (out / "checkpoints" / "last").is_dir() else []
-            # a quantised program trains at ε >= its floor (programs exported before a floor was raised recorded less)
-            from prge.engine.formats import min_eps
-
-            manifest = json.loads(Path(str(prog) + ".json").read_text())
-            eps = max(manifest.get("run_defaults", {}).get("eps", 1e-2), min_eps(manifest))
             prge("device-train", "--program", str(prog), "--out", str(out), "--steps", str(a.steps), "--seed", str(seed),
                  "--eps", str(eps),
                  "--eval-every", str(a.eval_every), "--checkpoint-every", "10", "--no-progress", *resume, *(["--native"] if a.native else []),
@@ -303,7 +302,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--train-eps", type=float, help="train-eager: this ε for every variant instead of the programs' own (1e-2 fp32 and 8da8w, 3e-2 8da4w)")
+    p.add_argument("--train-eps", type=float, help="train-eager: this ε for every variant instead of the programs' own (1e-2 fp32, 3e-2 quantised)")
     p.add_argument("--native", action="store_true", help="train with the C++ runner (prge device-train --native)")
     a = p.parse_args()
     {"export": cmd_export, "eps": cmd_eps, "eps-eager": cmd_eps_eager, "train": cmd_train,

@@ -180,17 +180,16 @@ def cmd_export(args) -> int:
 
     from prge.config import TrainConfig
     from prge.engine.export import export_program
-    from prge.engine.formats import READOUT_DEFAULTS, RUN_DEFAULTS, quantized_min_eps, write_dataset
+    from prge.engine.formats import QUANTIZED_DEFAULT_EPS, READOUT_DEFAULTS, RUN_DEFAULTS, write_dataset
     from prge.log import say
     from prge.run.train import prepare
 
     cfg = dc.replace(build_config(args), method="prge", tune="lora-fa", dtype="float32")
     default_eps = getattr(args, "eps", None) is None and cfg.eps == TrainConfig().eps  # not given, not in --config
-    least = quantized_min_eps(args.quantize)
-    if default_eps and cfg.eps < least:  # then the smallest that works
-        say(f"prge export: a {args.quantize} base needs eps >= {least:g}; recording eps {least:g} "
-            "as the device run's default (pass --eps to choose another)")
-        cfg = dc.replace(cfg, eps=least)
+    if args.quantize != "none" and default_eps and cfg.eps < QUANTIZED_DEFAULT_EPS:  # what trains it best, measured
+        say(f"prge export: recording eps {QUANTIZED_DEFAULT_EPS:g} as the device run's default for a {args.quantize} base "
+            "(its activation rounding adds noise to L+ - L-; pass --eps to choose another)")
+        cfg = dc.replace(cfg, eps=QUANTIZED_DEFAULT_EPS)
     s = prepare(cfg, adapter=args.adapter)
     from prge.zo import readout
 

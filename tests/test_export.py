@@ -394,6 +394,28 @@ def test_export_quantize_option_defaults_to_an_fp32_base(capsys):
     assert text.count("(default: none)") == 1 and "none: a float32 base" in text
 
 
+@pytest.mark.parametrize("quantize,eps,recorded", [("none", None, 1e-2), ("8da8w", None, 3e-2), ("8da4w", None, 3e-2),
+                                                   ("8da8w", "1e-2", 1e-2), ("none", "5e-3", 5e-3)])
+def test_prge_export_records_the_eps_a_quantised_base_trains_at(tmp_path, monkeypatch, capsys, quantize, eps, recorded):
+    """Without --eps, `prge export --quantize` records QUANTIZED_DEFAULT_EPS (3e-2) for the device run and
+    says so; an --eps the base resolves (8da8w down to 1e-2) is recorded as given."""
+    import prge.engine.export as ex
+    from prge.cli import main
+
+    seen = {}
+
+    def fake_export(model, tokenizer, label_ids, **kw):  # stop before the minutes of lowering
+        seen.update(quantize=kw["quantize"], eps=kw["run_defaults"]["eps"])
+        raise PrgeError("stopped here", "a test")
+
+    monkeypatch.setattr(ex, "export_program", fake_export)
+    args = ["export", "--model", save_tiny(tmp_path / "m"), "--task", "sst2", "--n-train", "4", "--n-dev", "4", "--q", "1",
+            "--batch-size", "1", "--max-length", "16", "--quantize", quantize, "--out", str(tmp_path / "p.pte")]
+    assert main(args + (["--eps", eps] if eps else [])) == 2
+    assert seen == {"quantize": None if quantize == "none" else quantize, "eps": recorded}
+    assert ("recording eps 0.03" in capsys.readouterr().err) == (quantize != "none" and eps is None)
+
+
 def test_corrupt_checkpoint_is_refused(prog, tmp_path, device_run):
     out = tmp_path / "run"
     shutil.copytree(device_run[0], out)
