@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         if a.program:  # the program says what it is; a quantised one is run at the ε it tolerates
             quantize = manifest.get("quantization")
         sizes = program_sizes(pte)
-        eps = max(min_eps(manifest), 1e-3) if quantize else 1e-3
+        eps = max(min_eps(manifest), 1e-3)  # 0 for fp32
         for loop in a.loops:
             for cache in a.cache:
                 with tempfile.TemporaryDirectory(prefix="prge-footprint-") as tmp:
