@@ -218,6 +218,16 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     row_ = json.loads((results / "learn.jsonl").read_text().splitlines()[0])
     assert row_["train_seconds_to_best"] == 300.0 and row_["dev_curve"][0] == [0, 0.78, 0.46]
     assert "gemma3_270m_sst2_earlier_prompt" not in json.loads((results / "learn.json").read_text())  # no Gemma cells yet
+    # a backprop cell from the same prompt (a yardstick on fewer layers) is not a zeroth-order run, however accurate
+    fo = runs / "sst2e-fo-top8-s0"
+    fo.mkdir()
+    (fo / "summary.json").write_text(json.dumps({"method": "fo", "steps": 100, "minutes": 7.0, "test_before": 0.786,
+                                                 "test_after_last": 0.95, "test_after_best": 0.95, "best_step": 100,
+                                                 "best_dev": 0.95, "n_test": 872}))
+    (fo / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.78, "loss": 0.46}) + "\n")
+    learn.table()
+    got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
+    assert got["zo_best_test"] == 0.866 and got["zo_runs"] == 2
     # Gemma-3-270M: its own backprop cell is the yardstick (not accuracy.jsonl's SmolLM2 rows)
     for name, method, minutes, best, best_step in (("gemma-sst2e-fo-s0", "fo", 10.0, 0.90, 100),
                                                    ("gemma-sst2e-fo-lr1e-4-s0", "fo", 8.0, 0.85, 100),
