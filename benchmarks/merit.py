@@ -392,7 +392,7 @@ def layer_index(name: str) -> int:
 def layer_weight_sizes(model, layer_names: list[str]) -> list[int]:
     """Each wrapped module's base weight size (its share of a forward's multiply-adds)."""
     mods = dict(model.named_modules())
-    return [mods[n].base.weight.numel() if hasattr(mods[n], "base") else mods[n].weight.numel() for n in layer_names]
+    return [mods[n].base.weight.numel() for n in layer_names]
 
 
 def best_subset(st: Stats, half: int, ki: int, b: int) -> list[int]:
