@@ -115,7 +115,7 @@ for _s in range(3):
                                                              "--readout-rows", "4000", "--seed", str(_s)]
 
 # the top k decoder layers only (issue 20, "the dominant layer"): a step that perturbs only them can run from the
-# residual stream cached below them, so it costs k/30 of a forward. First the yardstick: can backprop LoRA-FA on those
+# residual stream cached below them, so it costs about k/30 of a step. First the yardstick: can backprop LoRA-FA on those
 # layers alone reach the all-layer backprop figure (86.1% from the earlier prompt)? Same settings as accuracy.py's fo.
 for _k in (4, 8):
     _layers = [str(i) for i in range(30 - _k, 30)]
@@ -123,13 +123,14 @@ for _k in (4, 8):
                                      "--lr", "1e-3", "--batch-size", "16", "--steps", "100", "--eval-every", "25",
                                      "--layers", *_layers, "--seed", "0"]
 # ... and zeroth-order on the top 15 layers: merit.py predicts 2.3x per step at B = 0 (1.24 / 3.26 on its halves) with
-# lr* 8.8x the default's, so ~4.6x per second once the step runs from a cache of layer 15's input (half the multiply-adds);
-# the top 1-8 layers hold no coherent gradient at B = 0 (|g|² estimated <= 0). lr 1e-2: the lr the q + k cells ran at
+# lr* 8.8x the default's, so ~4.5x per second once the step runs from a cache of layer 15's input (0.51 of a step,
+# benchmarks/top_layers.py); the top 1-8 layers hold no coherent gradient at B = 0 (|g|² estimated <= 0).
+# lr 1e-2: the lr the q + k cells ran at
+CELLS["sst2e-prge-top15-lr1e-2-s0"] = ["--task", "sst2", "--template", EARLIER, "--layers", *[str(i) for i in range(15, 30)],
+                                       "--lr", "1e-2", "--seed", "0"]
 # the reference for its dev curve: all layers at the default lr, on today's whole-sentence dev rows (accuracy.py's main
 # table ran on phrase-level dev rows, whose losses are not comparable)
 CELLS["sst2e-prge-sentdev-s0"] = ["--task", "sst2", "--template", EARLIER, "--seed", "0"]
-CELLS["sst2e-prge-top15-lr1e-2-s0"] = ["--task", "sst2", "--template", EARLIER, "--layers", *[str(i) for i in range(15, 30)],
-                                       "--lr", "1e-2", "--seed", "0"]
 
 # the cells above that predate the readout ran without it (it was not there); --readout 0 keeps them meaning that
 for _c, _a in CELLS.items():

@@ -16,6 +16,7 @@ rows predict the per-step side (docs/optimiser.md section 8).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -110,7 +111,7 @@ def main() -> None:
                "n_layers": n_layers, "q": a.q, "b": a.b, "full_step_s": statistics.mean(full_t),
                "cached_step_s": statistics.mean(cached_t), "cost_fraction": statistics.mean(cached_t) / statistics.mean(full_t),
                "max_loss_diff": max(diffs), "tokens": tokens,
-               "threads": a.threads, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+               "threads": a.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "date": time.strftime("%Y-%m-%d %H:%M")}
         print(f"layers {start}..{n_layers - 1}: full step {row['full_step_s']:.2f} s, from the cache {row['cached_step_s']:.2f} s "
               f"(x{row['cost_fraction']:.2f}); losses differ by at most {row['max_loss_diff']:.2e}", flush=True)
