@@ -5,6 +5,7 @@
     python benchmarks/merit.py --task rte --n 128 --threads 1
     python benchmarks/merit.py --train-file benchmarks/data/skills/copa4.train.jsonl --label-words A B C D --n 128 --n-fit 64
     python benchmarks/merit.py --task sst2 --template '...' --check 64   # Hutchinson (HVP and finite differences) against the GGN
+    python benchmarks/merit.py --task sst2 --template EARLIER --n 384 --n-fit 0 --random-seeds 1 --skip-generic   # random A only
 
 The perturbed space of LoRA-FA is B (out × r) per wrapped module; with A frozen, a perturbation
 z of B moves the weight by ΔW = s·z·A (s = alpha / r). At B = 0 the model does not depend on A, so
@@ -28,6 +29,11 @@ lr* = q·|g|² / (E|g_b|²·tr(H)). "merit" = |g|²/tr(H) (the note's full-batch
 |g|⁴/(E|g_b|²·tr(H)) (the figure with the batch noise); the predicted speed-up of a candidate is its
 merit_b over that of today's random A (seed 0). With a diagonal preconditioner D (z ~ N(0, D)):
 |g|² → gᵀDg, E|g_b|² → E g_bᵀDg_b, tr(H) → tr(HD).
+
+Row sampling (2-label class loss): drawing row i with probability π_i and weighting its loss by 1/(n·π_i)
+keeps the mean gradient and tr(H) and changes E|g_row|² to Σ_i |g_i|²/(n²·π_i); the "rows sampled" rows
+give it for π ∝ |p − y| (what a device knows from each row's loss), a floored π, and the oracle π ∝ |g_i|.
+`--n-fit 0 --skip-generic` computes only the random A's and what derives from them (subsets, row sampling).
 
 Every figure is computed on two halves of the rows as well (even and odd batches): a choice that
 depends on the data (a preconditioner, a subset of modules) is fitted on one half and scored on the
@@ -54,6 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from prge.data.batch import collate  # noqa: E402
+from prge.data.classification import EARLIER_SST2_TEMPLATE  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
 from prge.zo.lora import lora_layers  # noqa: E402
@@ -252,6 +259,7 @@ class Stats:
         self.h = [[torch.zeros(m.out_features, k, rank) for m in layers] for _ in range(2)]
         self.n = [0, 0]
         self.loss = [0.0, 0.0]
+        self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # 2-label class loss: (half, c_i = p_i − y_i, |J_i|² under candidate 0)
 
 
 def accumulate(s, rows, a_cands: list[list[torch.Tensor]], rank: int, bs: int = 16, seed: int = 0) -> Stats:
@@ -283,6 +291,7 @@ def accumulate(s, rows, a_cands: list[list[torch.Tensor]], rank: int, bs: int = 
             st.s1[h][i] += torch.einsum("n,nokr->okr", c, j)
             st.q[h][i] += torch.einsum("n,nokr->okr", c * c, j2)
             st.h[h][i] += torch.einsum("n,nokr->okr", w, j2)
+            cur["row_j2"] += j2[:, :, 0].sum((1, 2))
         elif cur["pass"] == "g":
             st.s1[h][i] += j.sum(0)
             st.q[h][i] += (j * j).sum(0)
@@ -317,9 +326,10 @@ def accumulate(s, rows, a_cands: list[list[torch.Tensor]], rank: int, bs: int = 
                 dd = logits[:, 1] - logits[:, 0]
                 p1 = torch.sigmoid(dd.detach())
                 y = b.label.float()
-                cur.update({"pass": "d", "c": p1 - y, "w": p1 * (1 - p1)})
+                cur.update({"pass": "d", "c": p1 - y, "w": p1 * (1 - p1), "row_j2": torch.zeros(len(chunk))})
                 st.loss[h] += float(cross_entropy(logits.detach(), b.label).sum())
                 dd.sum().backward()
+                st.rows.append((h, p1 - y, cur["row_j2"]))
                 COUNT["backward_rows"] += len(chunk)
             else:
                 logits = head(s.model, hid)  # (N, K, V)
@@ -364,6 +374,33 @@ def figures(st: Stats, halves: tuple[int, ...], ki: int, b: int, modules: list[i
     g2 = (n * gbar2 - m2) / (n - 1)
     gb2 = g2 + (m2 - g2) / b
     return {"g2": g2, "gb2": gb2, "trH": tr, "merit": g2 / tr, "merit_b": (g2 * abs(g2) / (gb2 * tr)), "n": n}
+
+
+SAMPLING = {"rows sampled ∝ |p − y| (importance weights)": "abs_c", "rows sampled ∝ max(|p − y|, 0.1)": "abs_c_floor",
+            "rows sampled ∝ |p − y|·|J| (oracle)": "oracle", "no batch noise (E|g_b|² = |g|², the ceiling of any row sampling)": "none"}
+SAMPLING_WHERE = {"abs_c": "device: each row's clean loss gives |p − y| = 1 − exp(−loss); rows drawn ∝ it, each row's loss weighted 1/(n·π)",
+                  "abs_c_floor": "as above, with π floored so no row's weight exceeds 10/mean|p − y|",
+                  "oracle": "needs each row's gradient norm: backprop, a yardstick",
+                  "none": "a bound: infinitely many rows per step"}
+
+
+def row_sampling(st: Stats, halves: tuple[int, ...], b: int, scheme: str) -> dict:
+    """The uniform figures of candidate 0 with E|g_b|² replaced by what drawing the b rows with probability π_i
+    (and weighting row i's loss by 1/(n·π_i), so the step stays unbiased) gives: E_π|g_row|² = Σ_i |g_i|²/(n²·π_i),
+    with |g_i|² = c_i²·|J_i|² for the 2-label class loss (c_i = p_i − y_i)."""
+    full = figures(st, halves, 0, b)
+    c = torch.cat([x[1] for x in st.rows if x[0] in halves]).double()
+    j2 = torch.cat([x[2] for x in st.rows if x[0] in halves]).double()
+    g2 = full["g2"]
+    if scheme == "none":
+        m2 = g2
+    else:
+        score = {"abs_c": c.abs(), "abs_c_floor": c.abs().clamp_min(0.1), "oracle": c.abs() * j2.sqrt()}[scheme]
+        pi = score / score.sum()
+        m2 = float((c * c * j2 / pi).sum()) / len(c) ** 2
+    gb2 = g2 + (m2 - g2) / b
+    uniform_m2 = float((c * c * j2).mean())
+    return {**full, "gb2": gb2, "merit_b": g2 * abs(g2) / (gb2 * full["trH"]), "row_m2": m2, "uniform_row_m2": uniform_m2}
 
 
 def diag_d(st: Stats, half: int, ki: int, delta: float, power: float) -> list[torch.Tensor]:
@@ -487,6 +524,11 @@ def build_candidates(s, args, fit_rows) -> tuple[dict, dict]:
         for k in saved:
             info[k] = {"note": "loaded from " + args.load_candidates}
         return cands, info
+    if not fit_rows:  # --n-fit 0: only the random A's (and what is derived from them: subsets, row sampling)
+        if not args.skip_generic or args.oracle:  # the generic-text A's whiten by the fit rows' activation moments
+            raise SystemExit("error: --n-fit 0 leaves no rows to fit the data-dependent A's on — add --skip-generic "
+                             "(without --oracle), or give --n-fit")
+        return cands, info
 
     COUNT.update(forward_rows=0, backward_rows=0)
     t = time.time()
@@ -547,7 +589,7 @@ def main() -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--train-file", help="text/label rows instead of --task (e.g. benchmarks/data/skills/copa4.train.jsonl)")
     p.add_argument("--label-words", nargs="+", help="the label words of --train-file's classes (e.g. A B C D)")
-    p.add_argument("--template", help="prompt template (\\n = newline), e.g. the earlier SST-2 prompt")
+    p.add_argument("--template", help="prompt template (\\n = newline); EARLIER: SST-2's earlier prompt; DEFAULT: the task's own")
     p.add_argument("--tag", default=None, help="name of this setting in the results (default: task, +earlier for the SST-2 earlier prompt)")
     p.add_argument("--n", type=int, default=256, help="training rows the figures are computed over")
     p.add_argument("--n-fit", type=int, default=128, help="other training rows the data-dependent A's are fitted on")
@@ -568,6 +610,8 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--load-candidates", help="a candidates.pt an earlier run saved (skips building them)")
     args = p.parse_args()
+    if args.template in ("EARLIER", "DEFAULT"):  # as in readout_probe.py: SST-2's earlier prompt, or the task's own
+        args.template = EARLIER_SST2_TEMPLATE if args.template == "EARLIER" else None
     args.tag = args.tag or (Path(args.train_file).name.split(".")[0] if args.train_file else args.task + ("-earlier" if args.template else ""))
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -638,6 +682,11 @@ def main() -> None:
             record(f"{base}, top {k} layers only", base, f, [figures(st, (h,), ki, args.b, modules=idx) for h in (0, 1)],
                    {"layers": list(range(n_layers - k, n_layers)), "cost_fraction": sum(sizes[i] for i in idx) / sum(sizes),
                     "where": "device: cache the residual stream below the layers, then step only them"})
+
+    if st.rows and names[0] == "random_seed0":
+        for label, scheme in SAMPLING.items():
+            fs = [row_sampling(st, hs, args.b, scheme) for hs in ((0, 1), (0,), (1,))]
+            record(f"random_seed0, {label}", "random_seed0", fs[0], fs[1:], {"where": SAMPLING_WHERE[scheme]})
 
     ref = next(r for r in results if r["candidate"] == "random_seed0")
     for r in results:

@@ -228,6 +228,17 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     learn.table()
     got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
     assert got["zo_best_test"] == 0.866 and got["zo_runs"] == 2
+    # a cell named like the earlier prompt's whose command line trains another prompt is not counted either
+    monkeypatch.setitem(learn.CELLS, "sst2e-prge-custom-s0", ["--task", "sst2", "--template", "Text: {sentence}\nMood:"])
+    other = runs / "sst2e-prge-custom-s0"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps({"method": "prge", "steps": 300, "minutes": 9.0, "test_before": 0.85,
+                                                    "test_after_last": 0.97, "test_after_best": 0.97, "best_step": 300,
+                                                    "best_dev": 0.97, "n_test": 872}))
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.85, "loss": 0.4}) + "\n")
+    learn.table()
+    got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
+    assert got["zo_best_test"] == 0.866 and got["zo_runs"] == 2
     # Gemma-3-270M: its own backprop cell is the yardstick (not accuracy.jsonl's SmolLM2 rows)
     for name, method, minutes, best, best_step in (("gemma-sst2e-fo-s0", "fo", 10.0, 0.90, 100),
                                                    ("gemma-sst2e-fo-lr1e-4-s0", "fo", 8.0, 0.85, 100),
@@ -363,3 +374,40 @@ def test_quantized_eager_runs_take_a_builtin_models_own_lr():
     assert q.eager_config(a).lr == 1e-4  # Gemma-3-270M diverges at TrainConfig's 3e-3
     assert q.eager_config(a, lr=5e-4).lr == 5e-4
     assert q.eager_config(argparse.Namespace(**{**vars(a), "model": "smollm2-135m"})).lr == 3e-3
+
+
+def test_merit_row_sampling_is_unbiased_and_its_second_moment_is_what_a_draw_gives():
+    """merit.py's row-sampling figures: drawing row i with probability π_i and weighting its gradient by 1/(n·π_i)
+    keeps the mean gradient, and the per-row second moment it reports is what such draws give (Monte Carlo);
+    drawing ∝ |p − y| sits between the uniform draw and the oracle ∝ |g_i| (Cauchy–Schwarz)."""
+    import types
+
+    import torch
+
+    mer = bench("merit")
+    gen = torch.Generator().manual_seed(0)
+    n, out, r = 64, 3, 2
+    st = mer.Stats([types.SimpleNamespace(out_features=out)], 1, r)
+    c = torch.rand(n, generator=gen) * 2 - 1
+    c[: n // 2] *= 0.05  # half the rows nearly right (|p − y| small), as a trained classifier's are
+    jac = torch.randn(n, out, 1, r, generator=gen) * (1 + torch.arange(n).float() % 3).view(n, 1, 1, 1)
+    for i in range(n):
+        h = i % 2
+        st.s1[h][0] += c[i] * jac[i]
+        st.q[h][0] += c[i] ** 2 * jac[i] ** 2
+        st.h[h][0] += 0.25 * jac[i] ** 2
+        st.n[h] += 1
+    st.rows = [(h, c[h::2], (jac[h::2] ** 2).sum((1, 2, 3))) for h in (0, 1)]
+    uni = mer.figures(st, (0, 1), 0, b=4)
+    got = {k: mer.row_sampling(st, (0, 1), 4, k) for k in ("abs_c", "oracle", "none")}
+    g = (c.view(n, 1, 1, 1) * jac).reshape(n, -1).double()
+    assert got["abs_c"]["uniform_row_m2"] == pytest.approx(float((g * g).sum(1).mean()), rel=1e-5)
+    assert got["abs_c"]["g2"] == uni["g2"] and got["abs_c"]["trH"] == uni["trH"]  # the step's mean and curvature stay
+    assert got["oracle"]["row_m2"] <= got["abs_c"]["row_m2"] < got["abs_c"]["uniform_row_m2"]
+    assert got["none"]["gb2"] == uni["g2"] and got["none"]["merit_b"] > got["oracle"]["merit_b"] > uni["merit_b"]
+    # Monte Carlo: 200,000 draws ∝ |c|, each row's gradient weighted 1/(n·π): mean ≈ ḡ, E|·|² ≈ the reported row_m2
+    pi = c.abs().double() / c.abs().sum()
+    idx = torch.multinomial(pi, 200_000, replacement=True, generator=gen)
+    w = g[idx] / (n * pi[idx]).unsqueeze(1)
+    assert torch.allclose(w.mean(0), g.mean(0), atol=0.05 * float(g.norm(dim=1).mean()))
+    assert float((w * w).sum(1).mean()) == pytest.approx(got["abs_c"]["row_m2"], rel=0.03)
