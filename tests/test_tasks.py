@@ -83,6 +83,25 @@ def test_same_seed_same_splits_other_seed_differs(rte):
     assert src(other.test) == src(rte.test)  # test is the whole file, in file order, whatever the seed
 
 
+def test_sst2_dev_holds_no_phrase_the_run_trains_on(sst2):
+    """SST-2's train pool cuts GLUE train's sentences into phrases and its dev pool is GLUE train too: no dev
+    sentence may contain a training row of >= 3 tokens (before the rule 8.6-10.4% did), while dev keeps its size."""
+    from prge.data.batch import Example
+    from prge.data.tasks import without_train_phrases
+
+    train = [f" {e.fields['sentence']} " for e in sst2.train if len(e.fields["sentence"].split()) >= 3]
+    assert len(train) > 300 and len(sst2.dev) == 500
+    assert not any(t in f" {e.fields['sentence']} " for e in sst2.dev for t in train)
+    pool = get_task("sst2").load(DATA)["dev"]
+    kept = without_train_phrases(pool, sst2.train, "sentence")
+    assert 0.8 * len(pool) < len(kept) < 0.95 * len(pool)  # the rule removes the 8-10% that overlap, not more
+    # token boundaries, and only rows of >= 3 tokens count
+    row = lambda text: Example("p", " positive", 1, fields={"sentence": text})  # noqa: E731
+    dev = [row("a good filmmaker at work ."), row("a good film at work ."), row("truly great .")]
+    trained = [row("good film at"), row("truly great")]
+    assert [e.fields["sentence"] for e in without_train_phrases(dev, trained, "sentence")] == ["a good filmmaker at work .", "truly great ."]
+
+
 def test_sst2_other_seed_differs(sst2):
     other = load_task("sst2", data_root=DATA, seed=1, n_test=100)
     assert {e.source for e in other.train} != {e.source for e in sst2.train}

@@ -17,7 +17,8 @@ every run uses, always the same way:
   of their gold option; generation rows have one class.)
 - **dev** (model selection and periodic evaluation): `n_dev` rows drawn from the task's dev pool; a
   task without a dev pool draws them from the train-pool rows that train did not pick, so dev and
-  train never share a row.
+  train never share a row; where the train pool holds phrases cut from the dev pool's sentences
+  (SST-2, `Task.phrase_field`), dev also skips every sentence that contains a training row.
 - **default sizes** (MeZO's 1000 train / 500 dev where the data allows): n_train = min(1000, the
   train pool) with a dev pool, else min(1000, two thirds of the train pool); n_dev = min(500, what
   is left for it). An explicit `n_train`/`n_dev` larger than the data is an error, not a silent cut.
@@ -48,7 +49,9 @@ The templates (from the paper's reference code where it has one):
   98% of the time) stay one flag away: `--template "Review: {sentence}\\nSentiment:"`, `--template
   "{sentence} It was" --label-words terrible great`. Train pool `sst2/train.tsv` (60,614
   rows, GLUE train incl. phrase-level rows, 90%), dev pool the whole sentences of `sst2/dev.tsv`
-  (1,300 of its 6,735 rows, the other 10%; until 2026-12-03 every row, mostly phrases), test
+  (1,300 of its 6,735 rows, the other 10%; until 2026-12-03 every row, mostly phrases), less those
+  that contain one of the run's training rows of >= 3 tokens (`without_train_phrases`; since
+  2026-12-04: both pools are GLUE train, whose phrase rows are pieces of its sentences), test
   `sst2/test.tsv` (the 872-row labelled GLUE dev set, whole sentences). Sentences are GLUE's lower-cased,
   tokenized text ("it 's a charming ... journey ."); only surrounding whitespace is stripped, the
   tokenization is kept as the reference code feeds it.
@@ -108,6 +111,9 @@ class Task:
     load: Callable[[Path], dict[str, list[Example]]]
     label_words: list[str] = dataclass_field(default_factory=list)  # classification only
     metric: str = "accuracy"  # what `prge eval` reports first
+    # the field whose text the train pool cuts into phrases of the dev pool's rows (SST-2: both pools are GLUE
+    # train, whose phrase rows are parse-tree pieces of its sentences): dev drops a row containing a training row
+    phrase_field: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -150,7 +156,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("sst2", "classification", "SST-2 movie-review sentiment (GLUE); test = the 872-row GLUE dev set",
-             SST2_TEMPLATE, load_sst2, SST2_WORDS),
+             SST2_TEMPLATE, load_sst2, SST2_WORDS, phrase_field="sentence"),
         Task("rte", "classification", "RTE textual entailment (GLUE); test = the 277-row GLUE dev set",
              RTE_TEMPLATE, load_rte, RTE_WORDS),
         Task("boolq", "classification", "BoolQ yes/no questions (SuperGLUE); train/dev/test carved from the 3,270-row validation set",
@@ -211,6 +217,20 @@ def get_task(name: str) -> Task:
 
 
 
+PHRASE_MIN_TOKENS = 3
+
+
+def without_train_phrases(pool: list[Example], train: list[Example], field: str) -> list[Example]:
+    """The rows of `pool` whose `field` contains no training row's text of >= 3 tokens (on token boundaries).
+
+    SST-2's dev pool and train pool are both GLUE train, whose phrase rows are pieces of its sentences, so a dev
+    sentence can hold a phrase the run trains on: with 1,000 training rows, 8.6-10.4% of the dev sentences did
+    (seeds 0-2) against 0.1-0.3% of the test sentences, which come from elsewhere. Shorter rows are words and
+    word pairs that test sentences hold as often (1.4-6.4%): vocabulary, not a shared sentence."""
+    keys = [f" {e.fields[field]} " for e in train if len(e.fields[field].split()) >= PHRASE_MIN_TOKENS]
+    return [e for e in pool if not any(k in f" {e.fields[field]} " for k in keys)]
+
+
 def load_task(
     name: str,
     data_root: str | os.PathLike | None = None,
@@ -233,6 +253,8 @@ def load_task(
     train, rest = seeded_sample(train_pool, n_train, seed, label_of=lambda e: e.label, what=f"{task.name} train rows")
     if dev_pool is None:
         dev_pool = rest
+    elif task.phrase_field:
+        dev_pool = without_train_phrases(dev_pool, train, task.phrase_field)
     dev, _ = seeded_sample(dev_pool, min(500, len(dev_pool)) if n_dev is None else n_dev, seed, what=f"{task.name} dev rows")
     if n_test is not None and n_test < len(test):
         test, _ = seeded_sample(test, n_test, seed, what=f"{task.name} test rows")
