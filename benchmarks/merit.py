@@ -379,7 +379,7 @@ def figures(st: Stats, halves: tuple[int, ...], ki: int, b: int, modules: list[i
 SAMPLING = {"rows sampled ∝ |p − y| (importance weights)": "abs_c", "rows sampled ∝ max(|p − y|, 0.1)": "abs_c_floor",
             "rows sampled ∝ |p − y|·|J| (oracle)": "oracle", "no batch noise (E|g_b|² = |g|², the ceiling of any row sampling)": "none"}
 SAMPLING_WHERE = {"abs_c": "device: each row's clean loss gives |p − y| = 1 − exp(−loss); rows drawn ∝ it, each row's loss weighted 1/(n·π)",
-                  "abs_c_floor": "as above, with π floored so no row's weight exceeds 10/mean|p − y|",
+                  "abs_c_floor": "as above, with π ∝ max(|p − y|, 0.1), so no row's weight 1/(n·π) exceeds 10·mean max(|p − y|, 0.1)",
                   "oracle": "needs each row's gradient norm: backprop, a yardstick",
                   "none": "a bound: infinitely many rows per step"}
 

@@ -18,7 +18,8 @@ every run uses, always the same way:
 - **dev** (model selection and periodic evaluation): `n_dev` rows drawn from the task's dev pool; a
   task without a dev pool draws them from the train-pool rows that train did not pick, so dev and
   train never share a row; where the train pool holds phrases cut from the dev pool's sentences
-  (SST-2, `Task.phrase_field`), dev also skips every sentence that contains a training row.
+  (SST-2, `Task.phrase_field`), dev also skips every sentence that contains a training row of
+  >= 3 tokens.
 - **default sizes** (MeZO's 1000 train / 500 dev where the data allows): n_train = min(1000, the
   train pool) with a dev pool, else min(1000, two thirds of the train pool); n_dev = min(500, what
   is left for it). An explicit `n_train`/`n_dev` larger than the data is an error, not a silent cut.
