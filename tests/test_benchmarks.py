@@ -218,24 +218,23 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     row_ = json.loads((results / "learn.jsonl").read_text().splitlines()[0])
     assert row_["train_seconds_to_best"] == 300.0 and row_["dev_curve"][0] == [0, 0.78, 0.46]
     assert "gemma3_270m_sst2_earlier_prompt" not in json.loads((results / "learn.json").read_text())  # no Gemma cells yet
+    def finished(name, method, steps, minutes, before, acc, best_step):
+        """A finished cell whose last and best-dev test accuracy are both `acc`, with only its step-0 dev row."""
+        d = runs / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"method": method, "steps": steps, "minutes": minutes, "test_before": before,
+                                                    "test_after_last": acc, "test_after_best": acc, "best_step": best_step,
+                                                    "best_dev": acc, "n_test": 872}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": before, "loss": 0.5}) + "\n")
+
     # a backprop cell from the same prompt (a yardstick on fewer layers) is not a zeroth-order run, however accurate
-    fo = runs / "sst2e-fo-top8-s0"
-    fo.mkdir()
-    (fo / "summary.json").write_text(json.dumps({"method": "fo", "steps": 100, "minutes": 7.0, "test_before": 0.786,
-                                                 "test_after_last": 0.95, "test_after_best": 0.95, "best_step": 100,
-                                                 "best_dev": 0.95, "n_test": 872}))
-    (fo / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.78, "loss": 0.46}) + "\n")
+    finished("sst2e-fo-top8-s0", "fo", 100, 7.0, 0.786, 0.95, 100)
     learn.table()
     got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
     assert got["zo_best_test"] == 0.866 and got["zo_runs"] == 2
     # a cell named like the earlier prompt's whose command line trains another prompt is not counted either
     monkeypatch.setitem(learn.CELLS, "sst2e-prge-custom-s0", ["--task", "sst2", "--template", "Text: {sentence}\nMood:"])
-    other = runs / "sst2e-prge-custom-s0"
-    other.mkdir()
-    (other / "summary.json").write_text(json.dumps({"method": "prge", "steps": 300, "minutes": 9.0, "test_before": 0.85,
-                                                    "test_after_last": 0.97, "test_after_best": 0.97, "best_step": 300,
-                                                    "best_dev": 0.97, "n_test": 872}))
-    (other / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.85, "loss": 0.4}) + "\n")
+    finished("sst2e-prge-custom-s0", "prge", 300, 9.0, 0.85, 0.97, 300)
     learn.table()
     got = json.loads((results / "learn.json").read_text())["sst2_earlier_prompt"]
     assert got["zo_best_test"] == 0.866 and got["zo_runs"] == 2
@@ -243,13 +242,7 @@ def test_learn_json_times_backprop_and_the_zeroth_order_runs(tmp_path, monkeypat
     for name, method, minutes, best, best_step in (("gemma-sst2e-fo-s0", "fo", 10.0, 0.90, 100),
                                                    ("gemma-sst2e-fo-lr1e-4-s0", "fo", 8.0, 0.85, 100),
                                                    ("gemma-sst2e-prge-s0", "prge", 30.0, 0.88, 200)):
-        d = runs / name
-        d.mkdir()
-        (d / "summary.json").write_text(json.dumps({"method": method, "steps": 300 if method == "prge" else 100,
-                                                    "minutes": minutes, "test_before": 0.6, "test_after_last": best,
-                                                    "test_after_best": best, "best_step": best_step, "best_dev": best,
-                                                    "n_test": 872}))
-        (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "dev", "accuracy": 0.6, "loss": 0.7}) + "\n")
+        finished(name, method, 300 if method == "prge" else 100, minutes, 0.6, best, best_step)
     learn.table()
     gem = json.loads((results / "learn.json").read_text())["gemma3_270m_sst2_earlier_prompt"]
     assert gem["backprop_minutes"] == 10.0 and gem["backprop_test"] == 0.9 and gem["backprop_run"] == "gemma-sst2e-fo-s0"  # the better
