@@ -58,13 +58,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from prge.data.batch import collate  # noqa: E402
-from prge.data.classification import EARLIER_SST2_TEMPLATE  # noqa: E402
 from prge.config import TrainConfig  # noqa: E402
 from prge.io import append_jsonl  # noqa: E402
 from prge.zo.lora import lora_layers  # noqa: E402
 from prge.zo.loss import cross_entropy, head, hidden_at  # noqa: E402
+from readout_probe import template  # noqa: E402  (--template EARLIER / DEFAULT, as readout_probe.py reads them)
 from prge.run.train import prepare  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "merit.jsonl"
@@ -376,12 +377,14 @@ def figures(st: Stats, halves: tuple[int, ...], ki: int, b: int, modules: list[i
     return {"g2": g2, "gb2": gb2, "trH": tr, "merit": g2 / tr, "merit_b": (g2 * abs(g2) / (gb2 * tr)), "n": n}
 
 
-SAMPLING = {"rows sampled ∝ |p − y| (importance weights)": "abs_c", "rows sampled ∝ max(|p − y|, 0.1)": "abs_c_floor",
-            "rows sampled ∝ |p − y|·|J| (oracle)": "oracle", "no batch noise (E|g_b|² = |g|², the ceiling of any row sampling)": "none"}
-SAMPLING_WHERE = {"abs_c": "device: each row's clean loss gives |p − y| = 1 − exp(−loss); rows drawn ∝ it, each row's loss weighted 1/(n·π)",
-                  "abs_c_floor": "as above, with π ∝ max(|p − y|, 0.1), so no row's weight 1/(n·π) exceeds 10·mean max(|p − y|, 0.1)",
-                  "oracle": "needs each row's gradient norm: backprop, a yardstick",
-                  "none": "a bound: infinitely many rows per step"}
+SAMPLING = {  # scheme: (its row's name in the results, where it would run)
+    "abs_c": ("rows sampled ∝ |p − y| (importance weights)",
+              "device: each row's clean loss gives |p − y| = 1 − exp(−loss); rows drawn ∝ it, each row's loss weighted 1/(n·π)"),
+    "abs_c_floor": ("rows sampled ∝ max(|p − y|, 0.1)",
+                    "as above, with π ∝ max(|p − y|, 0.1), so no row's weight 1/(n·π) exceeds 10·mean max(|p − y|, 0.1)"),
+    "oracle": ("rows sampled ∝ |p − y|·|J| (oracle)", "needs each row's gradient norm: backprop, a yardstick"),
+    "none": ("no batch noise (E|g_b|² = |g|², the ceiling of any row sampling)", "a bound: infinitely many rows per step"),
+}
 
 
 def row_sampling(st: Stats, halves: tuple[int, ...], b: int, scheme: str) -> dict:
@@ -610,8 +613,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--load-candidates", help="a candidates.pt an earlier run saved (skips building them)")
     args = p.parse_args()
-    if args.template in ("EARLIER", "DEFAULT"):  # as in readout_probe.py: SST-2's earlier prompt, or the task's own
-        args.template = EARLIER_SST2_TEMPLATE if args.template == "EARLIER" else None
+    args.template = template(args.template) if args.template else None
     args.tag = args.tag or (Path(args.train_file).name.split(".")[0] if args.train_file else args.task + ("-earlier" if args.template else ""))
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -684,9 +686,9 @@ def main() -> None:
                     "where": "device: cache the residual stream below the layers, then step only them"})
 
     if st.rows and names[0] == "random_seed0":
-        for label, scheme in SAMPLING.items():
+        for scheme, (label, where) in SAMPLING.items():
             fs = [row_sampling(st, hs, args.b, scheme) for hs in ((0, 1), (0,), (1,))]
-            record(f"random_seed0, {label}", "random_seed0", fs[0], fs[1:], {"where": SAMPLING_WHERE[scheme]})
+            record(f"random_seed0, {label}", "random_seed0", fs[0], fs[1:], {"where": where})
 
     ref = next(r for r in results if r["candidate"] == "random_seed0")
     for r in results:
